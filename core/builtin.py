@@ -13,12 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_BUILTIN = "tiny-sd"
 BUILTIN_VERSION = "1"
 IMAGE_SIZE = 64
+_BUILD_LOCK = threading.Lock()  # building seeds torch's global generator: one build at a time
 
 WORLD_WORDS = (
     "a an the of on in at with and or to by near above below left right center top bottom middle small big large "
@@ -117,11 +119,16 @@ def build_tokenizer(words: tuple[str, ...] = tuple(WORLD_WORDS)):
 
 def build_pipeline(seed: int = 0):
     """Construct the tiny pipeline in memory, deterministically from ``seed``."""
+    tokenizer = build_tokenizer()
+    with _BUILD_LOCK:
+        return _build_pipeline_locked(seed, tokenizer)
+
+
+def _build_pipeline_locked(seed: int, tokenizer):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tokenizer()
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

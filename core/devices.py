@@ -8,6 +8,7 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_AUTO = (None, "", "auto")
 
 
 @dataclass(frozen=True)
@@ -21,24 +22,52 @@ class DevicePlacement:
 
 def parse_dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[name.lower()]
-    except KeyError:
+        return _DTYPES[name.strip().lower()]
+    except (KeyError, AttributeError):
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
-def choose_placement(device: str | None = None, dtype: str | None = None) -> DevicePlacement:
-    """Pick where models run. ``device``/``dtype`` of ``None`` or ``"auto"`` mean: decide from the hardware."""
-    if device in (None, "", "auto"):
+def _parse_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} requested but only {count} CUDA device(s) are present "
+                             f"(cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device {device!r} requested but MPS is not available; use 'cpu' or 'auto'")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+    return dev
+
+
+def choose_placement(device: str | None = None, dtype: str | torch.dtype | None = None) -> DevicePlacement:
+    """Pick where models run. ``device``/``dtype`` of ``None`` or ``"auto"`` mean: decide from the hardware.
+
+    Raises ``ValueError`` for an unknown or unavailable device and for an unknown dtype.
+    """
+    device = device.strip().lower() if isinstance(device, str) else device
+    dtype = dtype.strip().lower() if isinstance(dtype, str) else dtype
+    if device in _AUTO:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
-    if dtype in (None, "", "auto"):
+        dev = _parse_device(device)
+    if dtype in _AUTO:
         if dev.type == "cuda":
             dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
             dt = torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif dtype in _DTYPES:
+        dt = _DTYPES[dtype]
     else:
-        dt = parse_dtype(dtype)
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
     return DevicePlacement(dev, dt)

@@ -9,11 +9,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -26,7 +27,7 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every platform can open a directory
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -50,7 +51,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -73,6 +74,8 @@ def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tens
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise TypeError(f"safetensors metadata values must be strings: {bad}")
+    from safetensors.torch import save
+
     payload = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return atomic_write_bytes(path, save(payload, metadata=metadata))
 
@@ -94,6 +97,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
         raise BadWeightsFile(f"{path.name}: only .safetensors files are accepted")
+    from safetensors.torch import load_file
+
     metadata = read_safetensors_metadata(path)
     try:
         tensors = load_file(str(path))

@@ -1,0 +1,283 @@
+"""``lorastudio`` command line: serve, train, generate, worker, adapters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from services.settings import Settings, parse_auth
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".txt", ".zip"}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="where the catalog and files live (env LORASTUDIO_HOME)")
+    parser.add_argument("--db-url", help="SQLAlchemy URL of the catalog (default: SQLite in the data dir)")
+    parser.add_argument("--base-model", help="builtin:tiny-sd, a diffusers folder, a .safetensors file or a hub id")
+    parser.add_argument("--base-model-config", help="diffusers folder with the configs of a single-file checkpoint")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", help="auto (default), float32, float16, bfloat16")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env().with_overrides(
+        data_dir=args.data_dir, db_url=args.db_url, base_model=args.base_model,
+        base_model_config=args.base_model_config, device=args.device, dtype=args.dtype,
+    )
+
+
+def _weight_arg(value: str):
+    from services.generation import parse_adapter_arg
+
+    return parse_adapter_arg(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorastudio", description="Train, catalog and compose diffusion adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the web app (with its built-in worker)")
+    _common(serve)
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1; anything else requires --auth)")
+    serve.add_argument("--port", type=int, help="port (default 7860)")
+    serve.add_argument("--auth", help="user:password (or env LORASTUDIO_AUTH); required with --host/--share")
+    serve.add_argument("--share", action="store_true", help="open a public Gradio share link (requires --auth)")
+    serve.add_argument("--no-worker", action="store_true", help="do not run jobs in this process")
+
+    train = sub.add_parser("train", help="train an adapter from a folder of images and wait for it")
+    _common(train)
+    train.add_argument("--images", type=Path, required=True, help="folder (or .zip) of images with .txt captions")
+    train.add_argument("--name", required=True, help="name of the adapter in the catalog")
+    train.add_argument("--method", default="lora", help="training method (see `lorastudio methods`)")
+    train.add_argument("--kind", default="subject", choices=["subject", "style", "motion"])
+    train.add_argument("--trigger", default="sks", help="trigger word of a subject (default sks)")
+    train.add_argument("--steps", type=int, help="optimizer steps")
+    train.add_argument("--rank", type=int, help="adapter rank")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method setting")
+
+    gen = sub.add_parser("generate", help="generate one image, optionally with adapters")
+    _common(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--adapter", action="append", default=[], type=_weight_arg, metavar="NAME[:WEIGHT]")
+    gen.add_argument("--composer", default="merge")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=7.5)
+    gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    worker = sub.add_parser("worker", help="run queued jobs (alongside or instead of the app's worker)")
+    _common(worker)
+    worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
+
+    adapters = sub.add_parser("adapters", help="the adapter catalog")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    listing = adapters_sub.add_parser("list", help="list adapters")
+    _common(listing)
+    listing.add_argument("--search", help="filter by name, trigger word, method or tag")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    methods = sub.add_parser("methods", help="list training methods and their settings")
+    methods.add_argument("name", nargs="?")
+    return parser
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _collect_images(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no .png/.jpg/.webp/.zip files in this folder")
+    return files
+
+
+def _follow(services, job_id: str, desc: str) -> int:
+    """Run the job here unless another worker already has it, and show a progress bar until it ends."""
+    from tqdm import tqdm
+
+    runner = threading.Thread(target=services.worker.run_once, args=(job_id,), daemon=True)
+    runner.start()
+    bar = tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(job) -> None:
+        p = job.progress
+        if p.total_steps and bar.total != p.total_steps:
+            bar.total = p.total_steps
+        bar.n = p.step
+        post = {"status": job.status}
+        if p.loss is not None:
+            post["loss"] = f"{p.loss:.4f}"
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    try:
+        job = services.jobs.wait(job_id, on_update=update)
+    except KeyboardInterrupt:
+        services.jobs.cancel(job_id)
+        bar.close()
+        print("cancelling…", file=sys.stderr)
+        runner.join()
+        return 130
+    runner.join()
+    bar.close()
+    if job.status != "succeeded":
+        print(f"error: job {job.status}: {job.error or ''}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.main import launch
+
+    settings = _settings(args).with_overrides(host=args.host, port=args.port,
+                                              auth=args.auth or os.environ.get("LORASTUDIO_AUTH"))
+    settings = settings.with_overrides(share=args.share or None)
+    check_exposure(settings.host, settings.share, settings.auth)
+    return launch(settings, run_worker=not args.no_worker)
+
+
+def check_exposure(host: str, share: bool, auth: str | None) -> None:
+    """Refuse to listen beyond this machine without a login."""
+    parse_auth(auth)  # validates the format even on localhost
+    local = host in ("127.0.0.1", "localhost", "::1")
+    if (share or not local) and not auth:
+        where = "a public share link" if share else f"host {host}"
+        raise ValueError(f"refusing to serve on {where} without a login: add --auth user:password "
+                         "(or set LORASTUDIO_AUTH)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.container import build_services
+
+    config = _parse_sets(args.set)
+    if args.steps is not None:
+        config["max_steps"] = args.steps
+    if args.rank is not None:
+        config["rank"] = args.rank
+    files = _collect_images(args.images)
+    services = build_services(_settings(args), worker_suffix=f"cli-{os.getpid()}")
+    try:
+        dataset, job = services.train_from_upload(
+            files, name=args.name, method=args.method, kind=args.kind,
+            trigger_word=args.trigger if args.kind == "subject" else "", config=config)
+        for rejection in dataset.rejected:
+            print(f"skipped {rejection}", file=sys.stderr)
+        print(f"dataset {dataset.name}: {dataset.image_count} image(s); job {job.id}")
+        code = _follow(services, job.id, f"train {args.name}")
+        if code == 0:
+            adapter = services.catalog.get_adapter(services.jobs.get(job.id).result_ref)
+            print(f"adapter {adapter.name} ({adapter.id}) saved: {adapter.file_path}")
+        return code
+    finally:
+        services.close()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from core.types import GenerationRequest
+    from services.container import build_services
+
+    services = build_services(_settings(args), worker_suffix=f"cli-{os.getpid()}")
+    try:
+        request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                    steps=args.steps, guidance_scale=args.guidance, adapters=tuple(args.adapter),
+                                    composer=args.composer)
+        job = services.generation.submit(request)
+        code = _follow(services, job.id, "generate")
+        if code == 0:
+            image = services.generation.get_image(services.jobs.get(job.id).result_ref)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_bytes(Path(services.settings.artifacts_dir, image.path).read_bytes())
+            print(f"wrote {args.out}")
+        return code
+    finally:
+        services.close()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from services.container import build_services
+
+    services = build_services(_settings(args), worker_suffix=f"worker-{os.getpid()}")
+    try:
+        services.worker.recover()
+        if args.once:
+            while services.worker.run_once():
+                pass
+            return 0
+        print(f"worker {services.worker.worker_id} waiting for jobs (Ctrl+C to stop)")
+        try:
+            services.worker.run_forever()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        services.close()
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from services.container import build_services
+
+    services = build_services(_settings(args), worker_suffix="cli")
+    try:
+        adapters = services.catalog.list_adapters(search=args.search)
+        if args.json:
+            print(json.dumps([{"id": a.id, "name": a.name, "method": a.method, "kind": a.kind,
+                               "base_model": a.base_model, "trigger_words": list(a.trigger_words),
+                               "rank": a.rank, "steps": a.steps, "tags": list(a.tags), "sha256": a.sha256}
+                              for a in adapters], indent=2))
+            return 0
+        if not adapters:
+            print("no adapters yet: train one with `lorastudio train` or in the app")
+        for a in adapters:
+            tags = f" [{', '.join(a.tags)}]" if a.tags else ""
+            print(f"{a.name:24} {a.method:8} {a.kind:8} rank {a.rank or '-':>3} steps {a.steps:>5}  {a.id}{tags}")
+        return 0
+    finally:
+        services.close()
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from training.base import METHODS
+    from training.methods import __name__ as _registered  # noqa: F401  (imports every method)
+
+    names = [args.name] if args.name else METHODS.names()
+    for name in names:
+        cls = METHODS.get(name)
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        for f in cls.config_cls.describe():
+            print(f"  {f['name']:22} {f['type']:6} default {f['default']!r:12} {f['help']}")
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "generate": cmd_generate, "worker": cmd_worker,
+            "adapters": cmd_adapters, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Pure helpers turning DTOs into what widgets display (HTML is always escaped)."""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime
+
+from core.types import AdapterInfo, JobInfo
+
+
+def short(job_id: str) -> str:
+    return job_id[:8]
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, sec = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "–"
+
+
+def job_table_html(jobs: list[JobInfo]) -> str:
+    """The live job list: one row a job with a progress bar."""
+    if not jobs:
+        return "<p class='ls-empty'>No jobs yet. Submit one from the Train or Generate tab.</p>"
+    rows = []
+    for job in jobs:
+        p = job.progress
+        pct = int(round(100 * p.fraction)) if job.status != "succeeded" else 100
+        loss = f"{p.loss:.4f}" if p.loss is not None else "–"
+        speed = f"{p.it_per_s:.2f} it/s" if p.it_per_s else "–"
+        eta = duration(p.eta_s) if job.status == "running" else "–"
+        rows.append(
+            f"<tr data-job='{html.escape(job.id)}' class='ls-{html.escape(job.status)}'>"
+            f"<td><code>{html.escape(short(job.id))}</code></td><td>{html.escape(job.title)}</td>"
+            f"<td>{html.escape(job.status)}</td>"
+            f"<td><progress max='100' value='{pct}'></progress> {p.step}/{p.total_steps or '?'}</td>"
+            f"<td>{loss}</td><td>{speed}</td><td>{eta}</td></tr>"
+        )
+    head = ("<tr><th>job</th><th>what</th><th>status</th><th>progress</th><th>loss</th><th>speed</th>"
+            "<th>ETA</th></tr>")
+    return f"<table class='ls-jobs'>{head}{''.join(rows)}</table>"
+
+
+def job_detail_md(job: JobInfo) -> str:
+    p = job.progress
+    lines = [
+        f"**{job.title}** — `{job.id}`",
+        f"status **{job.status}**, step {p.step}/{p.total_steps or '?'}"
+        + (f", loss {p.loss:.4f}" if p.loss is not None else "")
+        + (f", {p.it_per_s:.2f} it/s" if p.it_per_s else "")
+        + (f", ETA {duration(p.eta_s)}" if job.status == "running" and p.eta_s is not None else ""),
+        f"created {when(job.created_at)}, started {when(job.started_at)}, finished {when(job.finished_at)}",
+    ]
+    if p.message:
+        lines.append(f"_{p.message}_")
+    if job.error:
+        lines.append(f"**error:** {job.error}")
+    return "\n\n".join(lines)
+
+
+def adapter_caption(a: AdapterInfo) -> str:
+    return f"{a.name} · {a.method} · {a.kind}"
+
+
+def adapter_detail_md(a: AdapterInfo) -> str:
+    size_kb = a.file_size / 1024
+    tags = ", ".join(a.tags) or "–"
+    triggers = ", ".join(a.trigger_words) or "–"
+    return "\n".join([
+        f"### {a.name}",
+        f"- **method** {a.method} · **kind** {a.kind} · **rank** {a.rank or '–'} · **steps** {a.steps}",
+        f"- **trigger words** {triggers}",
+        f"- **base model** `{a.base_model}` (hash `{a.base_model_hash}`)",
+        f"- **file** {size_kb:.1f} KiB, sha256 `{a.sha256[:16]}…`",
+        f"- **tags** {tags}",
+        f"- **created** {when(a.created_at)} · **updated** {when(a.updated_at)}",
+        f"- **id** `{a.id}`",
+    ])

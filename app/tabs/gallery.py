@@ -1,0 +1,93 @@
+"""Gallery tab: adapter cards with previews and metadata; search, tags, rename, delete/restore, download."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from app.formatting import adapter_caption, adapter_detail_md
+from app.widgets import error
+from services.container import Services
+
+
+@dataclass(frozen=True)
+class GalleryTab:
+    cards: gr.Gallery
+    refresh: gr.Button
+
+
+def render(services: Services, placeholder: str) -> GalleryTab:
+    with gr.Tab("Gallery", id="gallery"):
+        with gr.Row():
+            search = gr.Textbox(label="Search", placeholder="name, trigger word, method or tag", scale=3,
+                                elem_id="gallery-search")
+            show_trash = gr.Checkbox(label="Show deleted", value=False, scale=1)
+            refresh = gr.Button("Refresh", scale=1, elem_id="gallery-refresh")
+        cards = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False,
+                           elem_id="gallery-cards")
+        ids = gr.State([])
+        chosen = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=2):
+                detail = gr.Markdown("Select an adapter to see its details.", elem_id="gallery-detail")
+            with gr.Column(scale=1):
+                new_name = gr.Textbox(label="Rename to", elem_id="gallery-rename")
+                rename = gr.Button("Rename")
+                tags = gr.Textbox(label="Tags (comma-separated)", elem_id="gallery-tags")
+                save_tags = gr.Button("Save tags")
+                download = gr.DownloadButton("Download .safetensors", visible=False, elem_id="gallery-download")
+                delete = gr.Button("Delete…", variant="stop", elem_id="gallery-delete")
+                with gr.Row(visible=False) as confirm_row:
+                    confirm = gr.Button("Yes, move to trash", variant="stop", elem_id="gallery-confirm-delete")
+                    keep = gr.Button("Keep it")
+                restore = gr.Button("Restore from trash", visible=False, elem_id="gallery-restore")
+
+    def load(query: str, trash: bool):
+        adapters = services.catalog.list_adapters(search=query or None, include_deleted=trash)
+        items = [((services.settings.artifacts_dir / a.preview_paths[0]).as_posix()
+                  if a.preview_paths else placeholder, adapter_caption(a)) for a in adapters]
+        return items, [a.id for a in adapters]
+
+    def show(adapter_id: str | None):
+        if not adapter_id:
+            return ("Select an adapter to see its details.", "", "", gr.update(visible=False),
+                    gr.update(visible=False), gr.update(visible=False))
+        a = services.catalog.get_adapter(adapter_id)
+        deleted = a.deleted
+        file_path = str(services.catalog.adapter_file(adapter_id))
+        return (adapter_detail_md(a) + ("\n\n**In the trash.**" if deleted else ""), a.name, ", ".join(a.tags),
+                gr.update(visible=True, value=file_path), gr.update(visible=not deleted),
+                gr.update(visible=deleted))
+
+    def pick(adapter_ids: list[str], evt: gr.SelectData):
+        return adapter_ids[evt.index] if 0 <= evt.index < len(adapter_ids) else None
+
+    def guarded(fn):
+        def run(adapter_id, *args):
+            if not adapter_id:
+                raise gr.Error("select an adapter first")
+            try:
+                fn(adapter_id, *args)
+            except (ValueError, KeyError) as exc:
+                raise error(exc) from None
+            return adapter_id
+        return run
+
+    detail_outputs = [detail, new_name, tags, download, delete, restore]
+    refresh_outputs = [cards, ids]
+    search.submit(load, [search, show_trash], refresh_outputs)
+    refresh.click(load, [search, show_trash], refresh_outputs)
+    show_trash.change(load, [search, show_trash], refresh_outputs)
+    cards.select(pick, ids, chosen).then(show, chosen, detail_outputs)
+    rename.click(guarded(services.catalog.rename), [chosen, new_name], chosen).then(
+        show, chosen, detail_outputs).then(load, [search, show_trash], refresh_outputs)
+    save_tags.click(guarded(services.catalog.set_tags), [chosen, tags], chosen).then(show, chosen, detail_outputs)
+    delete.click(lambda: gr.update(visible=True), None, confirm_row)
+    keep.click(lambda: gr.update(visible=False), None, confirm_row)
+    confirm.click(guarded(services.catalog.delete), chosen, chosen).then(
+        lambda: gr.update(visible=False), None, confirm_row).then(show, chosen, detail_outputs).then(
+        load, [search, show_trash], refresh_outputs)
+    restore.click(guarded(services.catalog.restore), chosen, chosen).then(show, chosen, detail_outputs).then(
+        load, [search, show_trash], refresh_outputs)
+    return GalleryTab(cards, refresh)

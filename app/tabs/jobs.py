@@ -1,0 +1,62 @@
+"""Jobs tab: the live queue with progress bars, and one job's loss curve, preview and cancel button."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from app.formatting import job_detail_md, job_table_html, short
+from app.widgets import error
+from services.container import Services
+
+REFRESH_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class JobsTab:
+    table: gr.HTML
+    selected: gr.Dropdown
+
+
+def render(services: Services) -> JobsTab:
+    with gr.Tab("Jobs", id="jobs"):
+        table = gr.HTML(elem_id="jobs-table")
+        with gr.Row():
+            selected = gr.Dropdown(label="Job", choices=[], allow_custom_value=False, elem_id="jobs-selected")
+            cancel = gr.Button("Cancel job", variant="stop", elem_id="jobs-cancel")
+        detail = gr.Markdown(elem_id="jobs-detail")
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="jobs-loss")
+            preview = gr.Image(label="Latest preview", type="filepath", height=240, interactive=False,
+                               elem_id="jobs-preview")
+        timer = gr.Timer(REFRESH_SECONDS)
+
+    def refresh(current: str | None):
+        jobs = services.jobs.list_jobs(limit=100)
+        choices = [(f"{short(j.id)} · {j.title} · {j.status}", j.id) for j in jobs]
+        if current not in {j.id for j in jobs}:
+            running = [j for j in jobs if j.status == "running"]
+            current = (running or jobs)[0].id if jobs else None
+        job = next((j for j in jobs if j.id == current), None)
+        if job is None:
+            return job_table_html(jobs), gr.update(choices=choices, value=None), "", None, None
+        curve = pd.DataFrame({"step": list(range(1, len(job.losses) + 1)), "loss": list(job.losses)})
+        return (job_table_html(jobs), gr.update(choices=choices, value=current), job_detail_md(job), curve,
+                job.progress.preview_path)
+
+    def on_cancel(job_id: str | None) -> None:
+        if not job_id:
+            raise gr.Error("pick a job first")
+        try:
+            outcome = services.jobs.cancel(job_id)
+        except (ValueError, KeyError) as exc:
+            raise error(exc) from None
+        gr.Info(f"job {short(job_id)}: {outcome}")
+
+    outputs = [table, selected, detail, loss_plot, preview]
+    timer.tick(refresh, selected, outputs, show_progress="hidden")
+    selected.input(refresh, selected, outputs, show_progress="hidden")
+    cancel.click(on_cancel, selected, None)
+    return JobsTab(table, selected)

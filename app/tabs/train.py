@@ -1,0 +1,82 @@
+"""Train tab: upload images, name the concept, pick a method and its settings, queue the job."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from app.widgets import error, field_input
+from services.container import Services
+
+MAIN_FIELDS = ("rank", "max_steps")
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".txt", ".zip"]
+
+
+@dataclass(frozen=True)
+class TrainTab:
+    submit: gr.Button
+    status: gr.Markdown
+
+
+def _defaults(services: Services, method: str) -> dict:
+    return {f["name"]: f["default"] for f in services.training.describe_method(method).fields}
+
+
+def render(services: Services) -> TrainTab:
+    methods = services.training.list_methods()
+    default_method = "lora" if "lora" in methods else methods[0]
+    defaults = _defaults(services, default_method)
+    with gr.Tab("Train", id="train"):
+        gr.Markdown("Upload a few images of one subject or style, name it, and queue a training job. "
+                    "Captions can sit beside images as `name.txt` (kohya style), also inside a zip.")
+        files = gr.File(label="Images (png, jpg, webp), .txt captions or a .zip", file_count="multiple",
+                        file_types=UPLOAD_TYPES, elem_id="train-files")
+        with gr.Row():
+            name = gr.Textbox(label="Concept name", placeholder="my-dog", elem_id="train-name")
+            trigger = gr.Textbox(label="Trigger word", value="sks", info="rare token that calls up a subject",
+                                 elem_id="train-trigger")
+            kind = gr.Radio(["subject", "style"], value="subject", label="Kind", elem_id="train-kind")
+        with gr.Row():
+            method = gr.Dropdown(methods, value=default_method, label="Method", elem_id="train-method")
+            steps = gr.Number(value=defaults.get("max_steps", 200), precision=0, minimum=1, label="Steps",
+                              elem_id="train-steps")
+            rank = gr.Number(value=defaults.get("rank", 8), precision=0, minimum=1, label="Rank",
+                             elem_id="train-rank")
+        advanced = gr.State({})
+        with gr.Accordion("Advanced settings", open=False):
+
+            @gr.render(inputs=method)
+            def method_form(method_name: str) -> None:
+                description = services.training.describe_method(method_name)
+                gr.Markdown(f"_{description.summary}_")
+                for field in description.fields:
+                    if field["name"] in MAIN_FIELDS:
+                        continue
+                    widget = field_input(field)
+                    widget.change(lambda value, current, key=field["name"]: {**current, key: value},
+                                  [widget, advanced], advanced)
+
+        method.change(lambda: {}, None, advanced)
+        submit = gr.Button("Queue training", variant="primary", elem_id="train-submit")
+        status = gr.Markdown(elem_id="train-status")
+
+    def on_submit(uploaded, concept, trigger_word, concept_kind, method_name, n_steps, r, extra):
+        if not uploaded:
+            raise gr.Error("upload at least one image first")
+        try:
+            config = {k: v for k, v in (extra or {}).items() if v is not None and v != ""}
+            config.update({"max_steps": int(n_steps or 0), "rank": int(r or 0)})
+            dataset, job = services.train_from_upload(
+                list(uploaded), name=concept or "", method=method_name, kind=concept_kind,
+                trigger_word=trigger_word if concept_kind == "subject" else "", config=config)
+        except (ValueError, KeyError) as exc:
+            raise error(exc) from None
+        lines = [f"Queued **{job.title}** (job `{job.id[:8]}`) with {dataset.image_count} image(s). "
+                 "Follow it in the Jobs tab."]
+        lines += [f"- skipped {r}" for r in dataset.rejected]
+        return "\n".join(lines)
+
+    submit.click(on_submit, [files, name, trigger, kind, method, steps, rank, advanced], status,
+                 concurrency_limit=4)
+    return TrainTab(submit, status)

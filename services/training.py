@@ -1,0 +1,163 @@
+"""Use case: submit a training job, and run it when the worker claims it."""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.io import atomic_write_bytes
+from core.types import CONCEPT_KINDS, JobInfo
+from services.runtime import ModelRuntime
+from services.worker import JobReporter
+from storage import catalog, jobs
+from storage.artifacts import ArtifactStore
+from training.artifact import adapter_file_metadata
+from training.base import METHODS, TrainResult
+from training.data import ImageCaptionDataset
+from training.trainer import Trainer
+
+_NAME = re.compile(r"^[\w][\w .\-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class MethodDescription:
+    name: str
+    summary: str
+    fields: list[dict[str, Any]]
+
+
+class _JobCallback:
+    """Bridges trainer events to the job row and the artifact store."""
+
+    def __init__(self, reporter: JobReporter, store: ArtifactStore, job_id: str) -> None:
+        self._reporter = reporter
+        self._store = store
+        self._job_id = job_id
+        self.previews: list[Path] = []
+
+    def on_step(self, step: int, total: int, loss: float, it_per_s: float, eta_s: float) -> None:
+        self._reporter.progress(step, total, loss=loss, it_per_s=it_per_s, eta_s=eta_s)
+
+    def on_preview(self, step: int, image) -> None:
+        path = self._store.job_dir(self._job_id) / "previews" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(path, buffer.getvalue())
+        self.previews.append(path)
+        self._reporter.progress(step, 0, preview_path=str(path), message=f"preview at step {step}", force=True)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self._reporter.progress(step, 0, message=f"checkpoint saved at step {step}", force=True)
+
+    def should_stop(self) -> bool:
+        return self._reporter.should_stop()
+
+
+class TrainingService:
+    def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, runtime: ModelRuntime,
+                 dataset_records, default_base: str) -> None:
+        self._sessions = sessions
+        self._store = store
+        self._runtime = runtime
+        self._dataset_records = dataset_records
+        self._default_base = default_base
+
+    # catalogue of methods -------------------------------------------------------------------------------
+    def list_methods(self) -> list[str]:
+        return METHODS.names()
+
+    def describe_method(self, name: str) -> MethodDescription:
+        cls = METHODS.get(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name
+        return MethodDescription(name, summary, cls.config_cls.describe())
+
+    # submit ---------------------------------------------------------------------------------------------
+    def check(self, *, name: str, method: str = "lora", kind: str = "subject", trigger_word: str = "",
+              config: dict[str, Any] | None = None, base_model: str | None = None) -> dict[str, Any]:
+        """Validate a submission without queueing it; returns the normalised payload (minus the dataset)."""
+        name = name.strip()
+        if not _NAME.match(name):
+            raise ValueError("adapter name must be 1-64 letters, digits, spaces, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        if kind not in CONCEPT_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(CONCEPT_KINDS)}, got {kind!r}")
+        trigger_word = trigger_word.strip()
+        if kind == "subject" and not trigger_word:
+            raise ValueError("a subject needs a trigger word (a rare token such as 'sks') to call it up in prompts")
+        method_cls = METHODS.get(method)
+        cfg = method_cls.config_cls.from_dict(config or {})
+        base = base_model or self._default_base
+        self._runtime.resolve(base)  # a bad base fails now, not in the worker
+        with self._sessions.begin() as session:
+            if catalog.find_adapter(session, name) is not None:
+                raise ValueError(f"an adapter named {name!r} already exists; pick another name")
+        return {"name": name, "method": method, "kind": kind, "trigger_word": trigger_word,
+                "config": cfg.to_dict(), "base_model": base}
+
+    def submit(self, *, dataset_id: str, priority: int = 0, **settings: Any) -> JobInfo:
+        """Validate everything up front, then queue the job. Bad settings raise ``ValueError`` naming them."""
+        payload = {"dataset_id": dataset_id, **self.check(**settings)}
+        name, method = payload["name"], payload["method"]
+        with self._sessions.begin() as session:
+            catalog.get_dataset(session, dataset_id)
+            row = jobs.enqueue(session, "train", payload, title=f"train {name} ({method})", priority=priority)
+            session.flush()
+            return jobs.job_info(row)
+
+    # run (worker side) ----------------------------------------------------------------------------------
+    def run_train_job(self, job: JobInfo, reporter: JobReporter) -> str:
+        p = job.payload
+        method_cls = METHODS.get(p["method"])
+        cfg = method_cls.config_cls.from_dict(p["config"])
+        reporter.progress(0, cfg.max_steps, message="loading base model", force=True)
+        pipe = self._runtime.fresh_pipeline(p["base_model"])
+        records = self._dataset_records(p["dataset_id"])
+        dataset = ImageCaptionDataset(records, cfg.resolution)
+        work_dir = self._store.job_dir(job.id)
+        callback = _JobCallback(reporter, self._store, job.id)
+        trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"], callback=callback,
+                          work_dir=work_dir, kind=p["kind"])
+        reporter.check_cancel()
+        result = trainer.run(resume_from=trainer.latest_checkpoint())
+        del pipe, trainer
+        return self._save_adapter(job, result, callback.previews)
+
+    def _save_adapter(self, job: JobInfo, result: TrainResult, previews: list[Path]) -> str:
+        p = job.payload
+        adapter_id = uuid.uuid4().hex
+        base_hash = self._runtime.base_hash(p["base_model"])
+        trigger_words = [p["trigger_word"]] if p["trigger_word"] else []
+        metadata = dict(result.metadata)
+        metadata.update(adapter_file_metadata(p["method"], result.config, p["base_model"], base_hash,
+                                              trigger_words, p["kind"], result.steps_done, name=p["name"]))
+        manifest = {"id": adapter_id, "name": p["name"], "method": p["method"], "kind": p["kind"],
+                    "base_model": p["base_model"], "base_model_hash": base_hash, "trigger_words": trigger_words,
+                    "rank": result.config.get("rank"), "training_config": result.config,
+                    "steps": result.steps_done, "dataset_id": p["dataset_id"], "job_id": job.id}
+        written = self._store.write_adapter(adapter_id, result.tensors, metadata, result.config, manifest)
+        preview_rels = [self._store.write_adapter_preview(adapter_id, i, path.read_bytes())
+                        for i, path in enumerate(previews[-1:])]
+        try:
+            with self._sessions.begin() as session:
+                name = p["name"]
+                if catalog.find_adapter(session, name) is not None:  # taken while we trained: keep both
+                    name = f"{name}-{adapter_id[:6]}"
+                catalog.add_adapter(session, id=adapter_id, name=name, method=p["method"], kind=p["kind"],
+                                    base_model=p["base_model"], base_model_hash=base_hash,
+                                    trigger_words=trigger_words, rank=result.config.get("rank"),
+                                    training_config=result.config, steps=result.steps_done,
+                                    sha256=written.sha256, file_size=written.size, file_path=written.path,
+                                    dataset_id=p["dataset_id"], job_id=job.id, previews=preview_rels)
+                jobs.finish(session, job.id, result_ref=adapter_id)
+        except BaseException:
+            self._store.remove_adapter(adapter_id)  # never leave files the catalog does not know
+            raise
+        return adapter_id
+

@@ -1,0 +1,59 @@
+"""Shared fixtures: a session-wide built-in model folder, settings on a temp data dir, small test images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One models folder for the whole run, so the built-in model is built once."""
+    from core.builtin import ensure_builtin
+
+    folder = tmp_path_factory.mktemp("models")
+    ensure_builtin(folder)
+    return folder
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, models_dir: Path):
+    from services.settings import Settings
+
+    return Settings(data_dir=tmp_path / "data", models_path=models_dir, lease_seconds=30.0,
+                    heartbeat_seconds=1.0, poll_seconds=0.05)
+
+
+def write_images(folder: Path, count: int, size: int = 64, captions: bool = True, seed: int = 0) -> list[Path]:
+    """Small PNGs of a coloured disc on a plain background (each with a kohya-style caption)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(count):
+        background = rng.integers(0, 255, 3)
+        colour = rng.integers(0, 255, 3)
+        cx, cy = rng.integers(size // 4, 3 * size // 4, 2)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < (size // 5) ** 2
+        pixels = np.where(disc[..., None], colour, background).astype(np.uint8)
+        path = folder / f"img{i}.png"
+        Image.fromarray(pixels).save(path)
+        if captions:
+            (folder / f"img{i}.txt").write_text(f"a disc on a plain background, view {i}")
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture()
+def image_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "uploads"
+    write_images(folder, 3)
+    return folder
