@@ -56,18 +56,17 @@ def scheduler_names() -> list[str]:
 
 
 def make_scheduler(pipe, name: str | None = None):
-    """A fresh scheduler for one call, built from the pipeline's scheduler config; the pipeline's stays untouched.
+    """A fresh scheduler for one call (``None``: the pipeline's own class), so the pipeline's stays untouched.
 
-    ``name=None`` gives an exact copy: diffusers' ``from_config`` would reset keys listed in ``_use_default_values``
-    to class defaults, even where the pipeline patched them later (``steps_offset``, ``clip_sample``). A named
-    scheduler follows diffusers' usual ``Cls.from_config(pipe.scheduler.config)`` switch.
+    Built from the pipeline's scheduler config exactly as it is: diffusers' ``from_config`` would otherwise reset
+    the keys listed in ``_use_default_values`` to class defaults, even ones the pipeline patched after
+    construction (``steps_offset``, ``clip_sample``).
     """
-    config = pipe.scheduler.config
-    if name is None:
-        exact = {key: value for key, value in config.items() if key != "_use_default_values"}
-        return type(pipe.scheduler).from_config(exact)
-    if name not in SCHEDULERS:
+    if name is not None and name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+    config = {key: value for key, value in pipe.scheduler.config.items() if key != "_use_default_values"}
+    if name is None:
+        return type(pipe.scheduler).from_config(config)
     return SCHEDULERS[name].from_config(config, **_SCHEDULER_OVERRIDES.get(name, {}))
 
 
@@ -145,9 +144,9 @@ def sample(
 ) -> Image.Image:
     """Sample one image with ``composer`` deciding the noise prediction of every step.
 
-    ``on_step(done, total)`` is called after each step; raising from it cancels: ``teardown`` still runs and the
-    exception propagates. The random stream is a CPU ``torch.Generator`` seeded with ``request.seed``, so a seed
-    gives the same image on every run and device.
+    ``on_step(i, total)`` is called after step ``i`` (0-based) of ``total``; raising from it cancels: ``teardown``
+    still runs and the exception propagates. The random stream is a CPU ``torch.Generator`` seeded with
+    ``request.seed``, so a seed gives the same image on every run and device.
     """
     if not isinstance(composer, Composer):
         raise TypeError(f"composer must be a Composer, got {type(composer).__name__}")
@@ -227,7 +226,7 @@ def _denoise(pipe, composer, adapters, weights, request, scheduler, height, widt
             ctx.latents = scheduler.step(ctx.noise_pred, t, ctx.latents, **step_kwargs, return_dict=False)[0]
             composer.after_step(ctx)
             if on_step is not None:
-                on_step(i + 1, total)
+                on_step(i, total)
         return ctx.latents
     finally:
         composer.teardown(ctx)

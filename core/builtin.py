@@ -18,7 +18,7 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_BUILTIN = "tiny-sd"
-BUILTIN_VERSION = "1"
+BUILTIN_VERSION = "2"
 IMAGE_SIZE = 64
 _BUILD_LOCK = threading.Lock()  # building seeds torch's global generator: one build at a time
 
@@ -95,25 +95,51 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
+def learn_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from ``words`` until each word is one symbol.
+
+    Written here rather than with the ``tokenizers`` trainer because that trainer breaks frequency ties in
+    hash order, so two builds could number tokens differently; this one breaks ties alphabetically.
+    """
+    table = _byte_alphabet()
+    words_as_symbols = [
+        [table[b] for b in w.encode("utf-8")[:-1]] + [table[w.encode("utf-8")[-1]] + "</w>"]
+        for w in dict.fromkeys(words)
+    ]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in words_as_symbols:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        joined = best[0] + best[1]
+        for i, symbols in enumerate(words_as_symbols):
+            out, j = [], 0
+            while j < len(symbols):
+                if j + 1 < len(symbols) and (symbols[j], symbols[j + 1]) == best:
+                    out.append(joined)
+                    j += 2
+                else:
+                    out.append(symbols[j])
+                    j += 1
+            words_as_symbols[i] = out
+
+
 def build_tokenizer(words: tuple[str, ...] = tuple(WORLD_WORDS)):
     """A CLIPTokenizer whose merges are learned here from ``words``, so each world word is one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
     alphabet = _byte_alphabet()
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, min_frequency=1, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
-    )
-    corpus = list(itertools.chain.from_iterable(itertools.repeat(list(dict.fromkeys(words)), 2)))
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    learned = json.loads(bpe.to_str())["model"]
+    merges = learn_merges(words)
     vocab: dict[str, int] = {}
-    for token in itertools.chain(alphabet, (c + "</w>" for c in alphabet), learned["vocab"], specials):
+    tokens = itertools.chain(alphabet, (c + "</w>" for c in alphabet), (a + b for a, b in merges),
+                             ("<|startoftext|>", "<|endoftext|>"))
+    for token in tokens:
         vocab.setdefault(token, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_CONFIG["max_position_embeddings"])
 
 

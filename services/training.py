@@ -35,13 +35,15 @@ class MethodDescription:
 class _JobCallback:
     """Bridges trainer events to the job row and the artifact store."""
 
-    def __init__(self, reporter: JobReporter, store: ArtifactStore, job_id: str) -> None:
+    def __init__(self, reporter: JobReporter, store: ArtifactStore, job_id: str, total: int) -> None:
         self._reporter = reporter
         self._store = store
         self._job_id = job_id
         self.previews: list[Path] = []
+        self.total = total
 
     def on_step(self, step: int, total: int, loss: float, it_per_s: float, eta_s: float) -> None:
+        self.total = total
         self._reporter.progress(step, total, loss=loss, it_per_s=it_per_s, eta_s=eta_s)
 
     def on_preview(self, step: int, image) -> None:
@@ -51,10 +53,11 @@ class _JobCallback:
         image.save(buffer, format="PNG")
         atomic_write_bytes(path, buffer.getvalue())
         self.previews.append(path)
-        self._reporter.progress(step, 0, preview_path=str(path), message=f"preview at step {step}", force=True)
+        self._reporter.progress(step, self.total, preview_path=str(path), message=f"preview at step {step}",
+                                force=True)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self._reporter.progress(step, 0, message=f"checkpoint saved at step {step}", force=True)
+        self._reporter.progress(step, self.total, message=f"checkpoint saved at step {step}", force=True)
 
     def should_stop(self) -> bool:
         return self._reporter.should_stop()
@@ -121,7 +124,7 @@ class TrainingService:
         records = self._dataset_records(p["dataset_id"])
         dataset = ImageCaptionDataset(records, cfg.resolution)
         work_dir = self._store.job_dir(job.id)
-        callback = _JobCallback(reporter, self._store, job.id)
+        callback = _JobCallback(reporter, self._store, job.id, cfg.max_steps)
         trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"], callback=callback,
                           work_dir=work_dir, kind=p["kind"])
         reporter.check_cancel()

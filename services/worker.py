@@ -12,14 +12,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime, timezone
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.types import JobInfo
 from storage import jobs
-from storage.models import JobRow
 from training.base import JobCancelled
 
 log = logging.getLogger(__name__)
@@ -119,17 +116,11 @@ class Worker:
 
     def recover(self) -> list[str]:
         """Mark jobs this worker left running (a crash or kill) and jobs with expired leases as interrupted."""
-        now = datetime.now(timezone.utc)
         with self._sessions.begin() as session:
-            mine = session.scalars(
-                select(JobRow.id).where(JobRow.status == "running", JobRow.worker_id == self.worker_id)
-            ).all()
-            for job_id in mine:
-                jobs.fail(session, job_id, "interrupted: the app stopped while this job was running; "
-                                            "retry it from the Jobs tab")
-                session.get(JobRow, job_id).status = "interrupted"
-            stale = jobs.recover_stale(session, self.lease_seconds, now=now)
-        return list(mine) + list(stale)
+            mine = jobs.interrupt_worker_jobs(
+                session, self.worker_id, "interrupted: the app stopped while this job was running; queue it again")
+            stale = jobs.recover_stale(session, self.lease_seconds)
+        return mine + stale
 
     # loop ------------------------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -180,7 +171,8 @@ class Worker:
                 jobs.fail(session, job.id, detail)
         else:
             with self._sessions.begin() as session:
-                jobs.finish(session, job.id, result_ref=result_ref)
+                if jobs.get_job(session, job.id).status == "running":  # handlers may finish it themselves
+                    jobs.finish(session, job.id, result_ref=result_ref)
         finally:
             beat_stop.set()
             beat.join()

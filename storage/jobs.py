@@ -224,6 +224,18 @@ def recover_stale(session: Session, lease_seconds: float, now: datetime | None =
     return [job_id for job_id, _, _ in rows]
 
 
+def interrupt_worker_jobs(session: Session, worker_id: str, reason: str, now: datetime | None = None) -> list[str]:
+    """Mark every ``running`` job of ``worker_id`` as ``interrupted`` (that worker restarted, so they died)."""
+    now = now or utcnow()
+    rows = session.execute(
+        update(JobRow)
+        .where(JobRow.status == "running", JobRow.worker_id == worker_id)
+        .values(status="interrupted", finished_at=now, error=reason)
+        .returning(JobRow.id)
+    ).all()
+    return [job_id for (job_id,) in rows]
+
+
 def _transition(
     session: Session, job_id: str, allowed: tuple[str, ...], values: dict[str, Any], *, action: str
 ) -> JobRow:

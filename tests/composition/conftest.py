@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import peft
 import pytest
@@ -55,7 +57,8 @@ def set_lora(pipe, weights: dict[str, float]) -> None:
 
 def add_lora(pipe, name: str, seed: int) -> None:
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         torch.manual_seed(seed)
         pipe.unet.add_adapter(config, adapter_name=name)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from composition.base import COMPOSERS
+from composition.base import COMPOSERS, Composer
 from composition.methods.merge import MergeComposer, MergeConfig
 from composition.sampler import SampleRequest, sample
 from core.builtin import build_pipeline
@@ -79,3 +79,23 @@ def test_merge_config_is_self_describing() -> None:
         "b": -0.5,
     }
     assert set(ADAPTERS) == {"a", "b"}
+
+
+class _PerAdapterAverage(Composer):
+    """Composite-style sketch: one CFG call per adapter through ``ctx.activate`` and ``unet_fn``, averaged."""
+
+    def predict_noise(self, ctx, unet_fn):
+        preds = []
+        for name, weight in ctx.weights.items():
+            ctx.activate({name: weight})
+            preds.append(ctx.guide(unet_fn()))
+        return torch.stack(preds).mean(0)
+
+
+def test_hooks_express_per_adapter_passes(lora_pipe, lora_adapters) -> None:
+    single = sample(lora_pipe, _PerAdapterAverage(), lora_adapters, {"a": 1.0}, REQUEST)
+    assert max_diff(single, diffusers_image(lora_pipe, {"a": 1.0})) <= 1
+    assert lora_adapters.calls == [{"a": 1.0}, {}]  # unchanged activations are not re-applied
+    lora_adapters.calls.clear()
+    sample(lora_pipe, _PerAdapterAverage(), lora_adapters, {"a": 1.0, "b": 1.0}, REQUEST)
+    assert len(lora_adapters.calls) == 1 + 2 * REQUEST.steps + 1  # all before encoding, 2 per step, teardown

@@ -109,7 +109,7 @@ def test_hooks_run_in_order_under_inference_mode(pipe) -> None:
     composer, adapters, progress = RecordingComposer(), NoAdapters(), []
     sample(pipe, composer, adapters, {}, SampleRequest(PROMPT, steps=2), on_step=lambda i, n: progress.append((i, n)))
     assert composer.events == ["setup", "before0", "predict0", "after0", "before1", "predict1", "after1", "teardown"]
-    assert progress == [(1, 2), (2, 2)]
+    assert progress == [(0, 2), (1, 2)]
     assert adapters.calls == [{}]  # default weights activated once, before prompt encoding
 
 
@@ -118,12 +118,12 @@ def test_cancel_from_on_step_runs_teardown_and_propagates(pipe) -> None:
 
     def on_step(i: int, total: int) -> None:
         progress.append(i)
-        if i == 2:
+        if i == 1:
             raise Cancelled
 
     with pytest.raises(Cancelled):
         sample(pipe, composer, NoAdapters(), {}, SampleRequest(PROMPT, steps=5), on_step=on_step)
-    assert progress == [1, 2]
+    assert progress == [0, 1]
     assert composer.events[-2:] == ["after1", "teardown"]
 
 
@@ -191,3 +191,21 @@ def test_wrong_argument_types_raise_type_errors(pipe) -> None:
 def test_protocols_and_scheduler_names() -> None:
     assert isinstance(NoAdapters(), AdapterSet)
     assert scheduler_names() == ["euler", "euler_a", "ddim", "ddpm", "dpm++"]
+
+
+def test_requires_grad_composer_runs_under_no_grad_not_inference_mode(pipe) -> None:
+    seen = []
+
+    class GradComposer(Composer):
+        requires_grad = True
+
+        def predict_noise(self, ctx: StepContext, unet_fn) -> torch.Tensor:
+            seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+            with torch.enable_grad():
+                latents = ctx.latents.detach().requires_grad_(True)
+                (latents**2).sum().backward()
+                assert latents.grad is not None
+            return super().predict_noise(ctx, unet_fn)
+
+    sample(pipe, GradComposer(), NoAdapters(), {}, SampleRequest(PROMPT, steps=1))
+    assert seen == [(False, False)]
