@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--search", help="filter by name, trigger word, method or tag")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
+    bench = sub.add_parser("bench", help="benchmarks (writes JSON)")
+    bench.add_argument("suite", choices=["loop"], help="loop: 20-step generation and 50-step training")
+    _common(bench)
+    bench.add_argument("--json", type=Path, help="write the results here")
+
     methods = sub.add_parser("methods", help="list training methods and their settings")
     methods.add_argument("name", nargs="?")
     return parser
@@ -252,20 +257,31 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from training.base import METHODS
-    from training.methods import __name__ as _registered  # noqa: F401  (imports every method)
+    from services.training import describe_method, list_methods
 
-    names = [args.name] if args.name else METHODS.names()
-    for name in names:
-        cls = METHODS.get(name)
-        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
-        for f in cls.config_cls.describe():
+    for name in [args.name] if args.name else list_methods():
+        description = describe_method(name)
+        print(f"{name}: {description.summary}")
+        for f in description.fields:
             print(f"  {f['name']:22} {f['type']:6} default {f['default']!r:12} {f['help']}")
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services.benchmarks import run_loop_benchmark
+
+    results = run_loop_benchmark(_settings(args))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "generate": cmd_generate, "worker": cmd_worker,
-            "adapters": cmd_adapters, "methods": cmd_methods}
+            "adapters": cmd_adapters, "methods": cmd_methods,
+            "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.types import AdapterInfo, ImageInfo
 from storage import catalog
 from storage.artifacts import ArtifactStore
+from storage.db import writing
 
 TRASH_RETENTION = timedelta(days=7)
 
@@ -35,27 +36,27 @@ class CatalogService:
         new_name = new_name.strip()
         if not new_name:
             raise ValueError("the new name is empty")
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             return self._info(catalog.rename_adapter(session, adapter_id, new_name))
 
     def set_tags(self, adapter_id: str, tags: list[str] | str) -> AdapterInfo:
         if isinstance(tags, str):
             tags = [t for t in tags.split(",")]
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             return self._info(catalog.set_tags(session, adapter_id, tags))
 
     def delete(self, adapter_id: str) -> AdapterInfo:
         """Move to the trash; files stay until the trash is emptied, so ``restore`` undoes it."""
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             return self._info(catalog.soft_delete_adapter(session, adapter_id))
 
     def restore(self, adapter_id: str) -> AdapterInfo:
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             return self._info(catalog.restore_adapter(session, adapter_id))
 
     def empty_trash(self, older_than: timedelta = TRASH_RETENTION) -> int:
         cutoff = datetime.now(timezone.utc) - older_than
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             removed = catalog.purge_deleted(session, older_than=cutoff)
         for relpath in removed:
             self._store.remove(relpath)
@@ -73,7 +74,7 @@ class CatalogService:
 
     def reindex(self) -> dict[str, list[str]]:
         """Rebuild missing catalog rows from the files; returns what was added and what was skipped."""
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             return asdict(self._store.reindex(session))
 
     @staticmethod

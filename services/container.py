@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from core.devices import choose_placement
 from core.types import DatasetInfo, GenerationRequest, JobInfo
@@ -24,6 +25,7 @@ from storage.db import open_database
 class Services:
     settings: Settings
     engine: Engine
+    sessions: sessionmaker[Session]
     runtime: ModelRuntime
     datasets: DatasetService
     training: TrainingService
@@ -75,4 +77,4 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
         poll_seconds=settings.poll_seconds,
     )
     jobs = JobService(sessions, wake_worker=worker.wake)
-    return Services(settings, engine, runtime, datasets, training, generation, catalog, jobs, worker)
+    return Services(settings, engine, sessions, runtime, datasets, training, generation, catalog, jobs, worker)

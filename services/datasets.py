@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.types import DatasetInfo
 from storage import catalog
 from storage.artifacts import ArtifactStore
+from storage.db import writing
 from storage.uploads import UploadLimits, read_upload
 
 
@@ -37,7 +38,7 @@ class DatasetService:
         if not result.accepted:
             reasons = "; ".join(str(r) for r in result.rejected) or "no image files found"
             raise UploadRejected(f"no usable image in the upload: {reasons}")
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             row = catalog.add_dataset(session, name)
             records = []
             for position, item in enumerate(result.accepted):

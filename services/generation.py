@@ -17,6 +17,7 @@ from services.runtime import ModelRuntime
 from services.worker import JobReporter
 from storage import catalog, jobs
 from storage.artifacts import ArtifactStore
+from storage.db import writing
 
 MAX_PROMPT_CHARS = 2000
 
@@ -46,7 +47,7 @@ class GenerationService:
             raise ValueError("seed must be a non-negative integer")
         composer_cls = COMPOSERS.get(request.composer)
         composer_cls.config_cls.from_dict(request.composer_config)
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             resolved = []
             for pick in request.adapters:
                 row = catalog.get_adapter(session, pick.adapter)
@@ -99,7 +100,7 @@ class GenerationService:
                   "seed": req["seed"], "adapters": adapters, "composer": req["composer"], "params": params,
                   "job_id": job.id}
         rel, sha = self._store.write_image(image_id, buffer.getvalue(), record)
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             catalog.add_image(session, id=image_id, path=rel, prompt=req["prompt"],
                               negative_prompt=req["negative_prompt"], seed=req["seed"], adapters=adapters,
                               composer=req["composer"], params=params, job_id=job.id, sha256=sha)

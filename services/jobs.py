@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.types import JobInfo
 from storage import jobs
+from storage.db import writing
 
 
 class JobService:
@@ -24,7 +25,7 @@ class JobService:
             return jobs.job_info(jobs.get_job(session, job_id))
 
     def cancel(self, job_id: str) -> str:
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             return jobs.request_cancel(session, job_id)
 
     def notify(self) -> None:

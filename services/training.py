@@ -11,16 +11,18 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+import training.methods  # noqa: F401  (registers every training method)
 from core.io import atomic_write_bytes
 from core.types import CONCEPT_KINDS, JobInfo
 from services.runtime import ModelRuntime
 from services.worker import JobReporter
 from storage import catalog, jobs
 from storage.artifacts import ArtifactStore
+from storage.db import writing
 from training.artifact import adapter_file_metadata
 from training.base import METHODS, TrainResult
 from training.data import ImageCaptionDataset
-from training.trainer import Trainer
+from training.trainer import Trainer, latest_checkpoint
 
 _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")
 
@@ -30,6 +32,17 @@ class MethodDescription:
     name: str
     summary: str
     fields: list[dict[str, Any]]
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+def describe_method(name: str) -> MethodDescription:
+    """A method's one-line summary and the description of each of its settings (for forms and ``--help``)."""
+    cls = METHODS.get(name)
+    summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name
+    return MethodDescription(name, summary, cls.config_cls.describe())
 
 
 class _JobCallback:
@@ -74,12 +87,10 @@ class TrainingService:
 
     # catalogue of methods -------------------------------------------------------------------------------
     def list_methods(self) -> list[str]:
-        return METHODS.names()
+        return list_methods()
 
     def describe_method(self, name: str) -> MethodDescription:
-        cls = METHODS.get(name)
-        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name
-        return MethodDescription(name, summary, cls.config_cls.describe())
+        return describe_method(name)
 
     # submit ---------------------------------------------------------------------------------------------
     def check(self, *, name: str, method: str = "lora", kind: str = "subject", trigger_word: str = "",
@@ -108,7 +119,7 @@ class TrainingService:
         """Validate everything up front, then queue the job. Bad settings raise ``ValueError`` naming them."""
         payload = {"dataset_id": dataset_id, **self.check(**settings)}
         name, method = payload["name"], payload["method"]
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             catalog.get_dataset(session, dataset_id)
             row = jobs.enqueue(session, "train", payload, title=f"train {name} ({method})", priority=priority)
             session.flush()
@@ -122,13 +133,13 @@ class TrainingService:
         reporter.progress(0, cfg.max_steps, message="loading base model", force=True)
         pipe = self._runtime.fresh_pipeline(p["base_model"])
         records = self._dataset_records(p["dataset_id"])
-        dataset = ImageCaptionDataset(records, cfg.resolution)
+        dataset = ImageCaptionDataset(records, cfg.resolution, flip=cfg.flip)
         work_dir = self._store.job_dir(job.id)
         callback = _JobCallback(reporter, self._store, job.id, cfg.max_steps)
         trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"], callback=callback,
                           work_dir=work_dir, kind=p["kind"])
         reporter.check_cancel()
-        result = trainer.run(resume_from=trainer.latest_checkpoint())
+        result = trainer.run(resume_from=latest_checkpoint(work_dir))
         del pipe, trainer
         return self._save_adapter(job, result, callback.previews)
 
@@ -137,9 +148,8 @@ class TrainingService:
         adapter_id = uuid.uuid4().hex
         base_hash = self._runtime.base_hash(p["base_model"])
         trigger_words = [p["trigger_word"]] if p["trigger_word"] else []
-        metadata = dict(result.metadata)
-        metadata.update(adapter_file_metadata(p["method"], result.config, p["base_model"], base_hash,
-                                              trigger_words, p["kind"], result.steps_done, name=p["name"]))
+        metadata = adapter_file_metadata(p["method"], result.config, p["base_model"], base_hash, trigger_words,
+                                         p["kind"], result.steps_done, method_metadata=result.metadata)
         manifest = {"id": adapter_id, "name": p["name"], "method": p["method"], "kind": p["kind"],
                     "base_model": p["base_model"], "base_model_hash": base_hash, "trigger_words": trigger_words,
                     "rank": result.config.get("rank"), "training_config": result.config,
@@ -148,7 +158,7 @@ class TrainingService:
         preview_rels = [self._store.write_adapter_preview(adapter_id, i, path.read_bytes())
                         for i, path in enumerate(previews[-1:])]
         try:
-            with self._sessions.begin() as session:
+            with writing(self._sessions) as session:
                 name = p["name"]
                 if catalog.find_adapter(session, name) is not None:  # taken while we trained: keep both
                     name = f"{name}-{adapter_id[:6]}"

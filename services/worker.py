@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.types import JobInfo
 from storage import jobs
+from storage.db import writing
 from training.base import JobCancelled
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class JobReporter:
             return
         self._last_write = now
         losses, self._pending_losses = self._pending_losses, []
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             for value in losses[:-1]:
                 jobs.update_progress(session, self.job_id, step=step, total_steps=total, loss=value)
             jobs.update_progress(session, self.job_id, step=step, total_steps=total,
@@ -116,7 +117,7 @@ class Worker:
 
     def recover(self) -> list[str]:
         """Mark jobs this worker left running (a crash or kill) and jobs with expired leases as interrupted."""
-        with self._sessions.begin() as session:
+        with writing(self._sessions) as session:
             mine = jobs.interrupt_worker_jobs(
                 session, self.worker_id, "interrupted: the app stopped while this job was running; queue it again")
             stale = jobs.recover_stale(session, self.lease_seconds)
@@ -162,15 +163,15 @@ class Worker:
         try:
             result_ref = self._handlers[job.kind](job, reporter)
         except JobCancelled:
-            with self._sessions.begin() as session:
+            with writing(self._sessions) as session:
                 jobs.mark_cancelled(session, job.id)
         except Exception as exc:
             log.warning("job %s failed: %s", job.id, exc)
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            with self._sessions.begin() as session:
+            with writing(self._sessions) as session:
                 jobs.fail(session, job.id, detail)
         else:
-            with self._sessions.begin() as session:
+            with writing(self._sessions) as session:
                 if jobs.get_job(session, job.id).status == "running":  # handlers may finish it themselves
                     jobs.finish(session, job.id, result_ref=result_ref)
         finally:
@@ -181,7 +182,7 @@ class Worker:
     def _heartbeat(self, job_id: str, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_seconds):
             try:
-                with self._sessions.begin() as session:
+                with writing(self._sessions) as session:
                     jobs.heartbeat(session, job_id, self.worker_id)
             except Exception:
                 log.exception("heartbeat failed for job %s", job_id)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -152,6 +154,14 @@ def begin_immediate(session: Session) -> None:
     """
     if session.get_bind().dialect.name == "sqlite":
         session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+
+
+@contextmanager
+def writing(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A transaction that will write: takes the write lock up front on SQLite, commits on success."""
+    with sessions.begin() as session:
+        begin_immediate(session)
+        yield session
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -18,13 +18,13 @@ class GalleryTab:
 
 
 def render(services: Services, placeholder: str) -> GalleryTab:
-    with gr.Tab("Gallery", id="gallery"):
+    with gr.Tab("Gallery", id="gallery") as tab:
         with gr.Row():
             search = gr.Textbox(label="Search", placeholder="name, trigger word, method or tag", scale=3,
                                 elem_id="gallery-search")
             show_trash = gr.Checkbox(label="Show deleted", value=False, scale=1)
             refresh = gr.Button("Refresh", scale=1, elem_id="gallery-refresh")
-        cards = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False,
+        cards = gr.Gallery(label="Adapters", columns=6, height="auto", allow_preview=False, fit_columns=False,
                            elem_id="gallery-cards")
         ids = gr.State([])
         chosen = gr.State(None)
@@ -77,7 +77,8 @@ def render(services: Services, placeholder: str) -> GalleryTab:
     detail_outputs = [detail, new_name, tags, download, delete, restore]
     refresh_outputs = [cards, ids]
     search.submit(load, [search, show_trash], refresh_outputs)
-    refresh.click(load, [search, show_trash], refresh_outputs)
+    refresh.click(load, [search, show_trash], refresh_outputs, api_name="list_adapters")
+    tab.select(load, [search, show_trash], refresh_outputs, api_visibility="undocumented")
     show_trash.change(load, [search, show_trash], refresh_outputs)
     cards.select(pick, ids, chosen).then(show, chosen, detail_outputs)
     rename.click(guarded(services.catalog.rename), [chosen, new_name], chosen).then(

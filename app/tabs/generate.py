@@ -26,7 +26,7 @@ class GenerateTab:
 
 
 def render(services: Services) -> GenerateTab:
-    with gr.Tab("Generate", id="generate"):
+    with gr.Tab("Generate", id="generate") as tab:
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt")
@@ -52,7 +52,7 @@ def render(services: Services) -> GenerateTab:
             with gr.Column(scale=2):
                 result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="gen-result")
                 status = gr.Markdown(elem_id="gen-status")
-        history = gr.Gallery(label="History", columns=8, height="auto", elem_id="gen-history")
+        history = gr.Gallery(label="History", columns=8, height="auto", fit_columns=False, elem_id="gen-history")
 
     def adapter_choices():
         choices = [(f"{a.name} ({a.method})", a.id) for a in services.catalog.list_adapters()]
@@ -84,7 +84,8 @@ def render(services: Services) -> GenerateTab:
         yield ((services.settings.artifacts_dir / image.path).as_posix(),
                f"done in {seconds:.2f} s · seed {image.seed} · {len(image.adapters)} adapter(s)", history_items())
 
-    refresh.click(adapter_choices, None, pickers)
+    refresh.click(adapter_choices, None, pickers, api_name="adapter_choices")
+    tab.select(adapter_choices, None, pickers, api_visibility="undocumented")  # adapters trained since load
     go.click(on_generate, [prompt, negative, seed, steps, guidance, composer, *pickers, *sliders],
-             [result, status, history], concurrency_limit=8)
+             [result, status, history], concurrency_limit=8, api_name="generate")
     return GenerateTab(pickers, refresh, result, adapter_choices, history, history_items)

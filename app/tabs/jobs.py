@@ -56,7 +56,7 @@ def render(services: Services) -> JobsTab:
         gr.Info(f"job {short(job_id)}: {outcome}")
 
     outputs = [table, selected, detail, loss_plot, preview]
-    timer.tick(refresh, selected, outputs, show_progress="hidden")
-    selected.input(refresh, selected, outputs, show_progress="hidden")
-    cancel.click(on_cancel, selected, None)
+    timer.tick(refresh, selected, outputs, show_progress="hidden", api_visibility="undocumented")
+    selected.input(refresh, selected, outputs, show_progress="hidden", api_name="job_status")
+    cancel.click(on_cancel, selected, None, api_name="cancel_job")
     return JobsTab(table, selected)

@@ -78,5 +78,5 @@ def render(services: Services) -> TrainTab:
         return "\n".join(lines)
 
     submit.click(on_submit, [files, name, trigger, kind, method, steps, rank, advanced], status,
-                 concurrency_limit=4)
+                 concurrency_limit=4, api_name="train")
     return TrainTab(submit, status)

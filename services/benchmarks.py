@@ -1,0 +1,95 @@
+"""Benchmarks of the basic loop: a 20-step generation and a 50-step training run on the built-in model.
+
+Each measurement runs in its own spawned process so that its peak memory (max RSS) is its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from core.types import GenerationRequest
+from services.container import build_services
+from services.settings import Settings
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _make_images(folder: Path, count: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _generation(settings: Settings, steps: int) -> dict[str, Any]:
+    services = build_services(settings)
+    try:
+        load_start = time.perf_counter()
+        services.runtime.pipeline(settings.base_model)
+        load_s = time.perf_counter() - load_start
+        rss_loaded = _peak_rss_mb()
+        timings = []
+        for seed in range(3):
+            job = services.generation.submit(GenerationRequest(prompt="a red circle", seed=seed, steps=steps))
+            start = time.perf_counter()
+            services.worker.run_once(job.id)
+            timings.append(time.perf_counter() - start)
+            assert services.jobs.get(job.id).status == "succeeded"
+        return {"what": f"generate {steps} steps", "seconds_best": min(timings), "seconds_all": timings,
+                "load_seconds": load_s, "peak_rss_mb": _peak_rss_mb(), "rss_after_load_mb": rss_loaded}
+    finally:
+        services.close()
+
+
+def _training(settings: Settings, steps: int, work: Path) -> dict[str, Any]:
+    services = build_services(settings)
+    try:
+        files = _make_images(work / "images", 3)
+        _, job = services.train_from_upload(files, name="bench", trigger_word="sks",
+                                            config={"max_steps": steps, "preview_every": 0, "checkpoint_every": 0})
+        start = time.perf_counter()
+        services.worker.run_once(job.id)
+        seconds = time.perf_counter() - start
+        done = services.jobs.get(job.id)
+        assert done.status == "succeeded", done.error
+        return {"what": f"train lora {steps} steps", "seconds": seconds, "steps_per_s": steps / seconds,
+                "final_loss": done.losses[-1] if done.losses else None, "peak_rss_mb": _peak_rss_mb()}
+    finally:
+        services.close()
+
+
+def _child(kind: str, settings: Settings, steps: int, work: str, queue) -> None:
+    try:
+        result = _generation(settings, steps) if kind == "generate" else _training(settings, steps, Path(work))
+        queue.put(result)
+    except BaseException as exc:  # report, don't hang the parent
+        queue.put({"error": repr(exc)})
+
+
+def run_loop_benchmark(base: Settings, generate_steps: int = 20, train_steps: int = 50) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="lorastudio-bench-") as tmp:
+        for kind, steps in (("generate", generate_steps), ("train", train_steps)):
+            settings = Settings(data_dir=Path(tmp) / kind, models_path=base.models_dir, base_model=base.base_model,
+                                device=base.device, dtype=base.dtype)
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(kind, settings, steps, str(Path(tmp) / kind), queue))
+            proc.start()
+            results[kind] = queue.get()
+            proc.join()
+    return results

@@ -1,0 +1,496 @@
+"""The one training loop: any registered ``Method`` on a Stable-Diffusion-architecture pipeline.
+
+Standard denoising objective (Ho et al., 2020): noise a latent to a random timestep with the DDPM schedule of the
+pipeline's scheduler config and regress the UNet's output on the noise (or the velocity, for v-prediction) with
+MSE. Only the method's parameters train; the VAE and text encoder run once per image and prompt before the loop
+(latents and embeddings are cached) and then leave the device. Resumable checkpoints hold everything the loop
+needs to continue bit-for-bit: adapter parameters, optimizer and LR-schedule state, RNG states, data position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from core.io import atomic_write_json, load_safetensors, save_safetensors
+from training.base import JobCancelled, Method, MethodConfig, NullCallback, TrainerCallback, TrainResult
+from training.data import ImageCaptionDataset, build_prompt, to_tensor
+
+CHECKPOINT_DIR = "checkpoints"
+KEEP_CHECKPOINTS = 2
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
+# Settings that may change between a checkpoint and its resumption without changing the result.
+_RESUME_FREE = {"max_steps", "checkpoint_every", "preview_every", "preview_prompt", "preview_steps"}
+_ENCODE_BATCH = 8
+SMALL_UNET_PARAMS = 20_000_000
+_ACCELERATE_ATTRS = ("forward", "_original_forward", "_is_accelerate_prepared")  # set on the UNet by prepare()
+
+
+def checkpoint_dirs(work_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints under ``work_dir``, oldest first."""
+    root = Path(work_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
+    found = checkpoint_dirs(work_dir)
+    return found[-1] if found else None
+
+
+def _make_accelerator(mixed_precision: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "fp16" and not cuda:
+        raise ValueError("mixed_precision 'fp16' needs a CUDA device; use 'no' or 'bf16' on CPU")
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()  # one trainer at a time; each run picks its own precision
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision)
+
+
+def _make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch build supports it for these tensors, else multi-tensor (foreach)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, foreach=True)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+class Trainer:
+    """Trains ``method`` on ``dataset`` with ``pipe``'s frozen base model; ``run()`` returns a ``TrainResult``.
+
+    The pipeline is left as it was found (adapter removed, devices, train/eval modes and ``requires_grad`` flags
+    restored) unless ``keep_adapter`` is set, in which case the trained adapter stays in ``pipe.unet``.
+
+    On CPU the loop runs with ``cpu_threads`` intra-op threads; by default 1 for small UNets, whose kernels are
+    too small to gain from splitting and lose much when the cores are shared, else torch's setting.
+    """
+
+    def __init__(self, method: Method, pipe: Any, dataset: ImageCaptionDataset, config: MethodConfig | None = None,
+                 trigger_word: str = "", callback: TrainerCallback | None = None,
+                 work_dir: str | os.PathLike[str] | None = None, *, kind: str = "subject",
+                 keep_adapter: bool = False, cpu_threads: int | None = None) -> None:
+        config = method.config if config is None else config
+        if config.to_dict() != method.config.to_dict():
+            raise ValueError("config differs from the method's own config; build the method from this config")
+        config.validate()
+        if dataset.resolution != config.resolution:
+            raise ValueError(f"dataset resolution {dataset.resolution} differs from config resolution "
+                             f"{config.resolution}")
+        self.method = method
+        self.pipe = pipe
+        self.dataset = dataset
+        self.config = config
+        self.trigger_word = trigger_word
+        self.kind = kind
+        self.callback: TrainerCallback = callback or NullCallback()
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.keep_adapter = keep_adapter
+        self.cpu_threads = cpu_threads
+        self.prompts = [build_prompt(c, trigger_word, kind) for c in dataset.captions]
+        first = dataset.captions[0] if dataset.captions else ""
+        self.preview_prompt = config.preview_prompt.strip() or build_prompt(first, trigger_word, "subject")
+
+    # ----------------------------------------------------------------------------------------------- setup --
+
+    def _seed_everything(self) -> None:
+        seed = self.config.seed
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.noise_gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.offset = 0, 0
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    @contextlib.contextmanager
+    def _pipeline_borrowed(self) -> Iterator[None]:
+        """Freeze the pipeline for training and put back everything touched, whatever happens."""
+        pipe = self.pipe
+        models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        grad_flags = {id(p): (p, p.requires_grad) for m in models.values() for p in m.parameters()}
+        modes = {name: m.training for name, m in models.items()}
+        devices = {name: next(m.parameters()).device for name, m in models.items()}
+        unet_attrs = {k for k in _ACCELERATE_ATTRS if k in pipe.unet.__dict__}
+        checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+        progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+        try:
+            for m in models.values():
+                m.requires_grad_(False)
+                m.eval()
+            pipe.set_progress_bar_config(disable=True)
+            yield
+        finally:
+            if not self.keep_adapter:
+                self.method.remove()
+            for key in _ACCELERATE_ATTRS:
+                if key not in unet_attrs:
+                    pipe.unet.__dict__.pop(key, None)
+            if self.config.gradient_checkpointing and not checkpointing:
+                pipe.unet.disable_gradient_checkpointing()
+            for p, flag in grad_flags.values():
+                p.requires_grad_(flag)
+            for name, m in models.items():
+                m.train(modes[name])
+                if next(m.parameters()).device != devices[name]:
+                    m.to(devices[name])
+            pipe._progress_bar_config = progress
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        before = torch.get_num_threads()
+        wanted = self.cpu_threads
+        if wanted is None:
+            small = sum(p.numel() for p in self.pipe.unet.parameters()) < SMALL_UNET_PARAMS
+            wanted = 1 if small else before
+        if self.device.type != "cpu" or wanted == before:
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _setup(self) -> None:
+        cfg = self.config
+        unet = self.pipe.unet
+        self.accelerator = _make_accelerator(cfg.mixed_precision)
+        self.device = self.accelerator.device
+        self._cache_inputs()
+        params = self.method.inject(unet)
+        if not params:
+            raise ValueError(f"{type(self.method).__name__}.inject returned no trainable parameters")
+        for p in params:
+            p.requires_grad_(True)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        self.params = params
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        optimizer = _make_optimizer(params, cfg.learning_rate)
+        warmup = cfg.lr_warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, schedule)
+        self._setup_noise_schedule()
+
+    def _setup_noise_schedule(self) -> None:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        alphas = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.sqrt_alpha = alphas.sqrt()
+        self.sqrt_one_minus_alpha = (1.0 - alphas).sqrt()
+
+    @torch.no_grad()
+    def _cache_inputs(self) -> None:
+        """Encode every image (and its mirror image when flipping) and every distinct prompt once."""
+        pipe, device = self.pipe, self.device
+        vae, text_encoder = pipe.vae.to(device), pipe.text_encoder.to(device)
+        scaling = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        variants = [False, True] if self.config.flip else [False]
+        pixels = torch.stack([to_tensor(self.dataset.image(i)) for i in range(len(self.dataset))])
+        latents = []
+        for flipped in variants:
+            batch = pixels.flip(-1) if flipped else pixels
+            chunks = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean
+                      for chunk in batch.split(_ENCODE_BATCH)]
+            latents.append((torch.cat(chunks) - shift) * scaling)
+        self.latents = torch.stack(latents).to(pipe.unet.dtype).contiguous()  # (variants, N, C, h, w)
+        distinct = list(dict.fromkeys(self.prompts))
+        embeds = [pipe.encode_prompt(distinct[i:i + _ENCODE_BATCH], device, 1, False)[0]
+                  for i in range(0, len(distinct), _ENCODE_BATCH)]
+        self.embeddings = torch.cat(embeds).to(pipe.unet.dtype).contiguous()
+        self.prompt_index = torch.tensor([distinct.index(p) for p in self.prompts], device=device)
+        if device.type != "cpu":
+            vae.to("cpu")
+            text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------------ data --
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.dataset))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _next_indices(self) -> list[int]:
+        """The next ``batch_size`` images of an endless stream of per-epoch shuffles."""
+        out: list[int] = []
+        n = len(self.dataset)
+        while len(out) < self.config.batch_size:
+            if self.offset >= n:
+                self.epoch, self.offset = self.epoch + 1, 0
+            take = min(self.config.batch_size - len(out), n - self.offset)
+            out.extend(int(i) for i in self._permutation(self.epoch)[self.offset:self.offset + take])
+            self.offset += take
+        return out
+
+    # ------------------------------------------------------------------------------------------------ loop --
+
+    def _sample_timesteps(self, batch: int) -> torch.Tensor:
+        u = torch.rand(batch, generator=self.noise_gen)
+        if self.config.timestep_bias:
+            u = u.pow(4.0 ** (-self.config.timestep_bias))
+        return (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
+
+    def _train_step(self) -> float:
+        cfg, device = self.config, self.device
+        index = torch.tensor(self._next_indices())
+        batch = len(index)
+        variant = (torch.rand(batch, generator=self.noise_gen) < 0.5).long() if cfg.flip else torch.zeros_like(index)
+        timesteps = self._sample_timesteps(batch)
+        latents = self.latents[variant.to(device), index.to(device)]
+        noise = torch.randn(latents.shape, generator=self.noise_gen, dtype=torch.float32)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn(batch, latents.shape[1], 1, 1, generator=self.noise_gen)
+        noise = noise.to(device, latents.dtype)
+        timesteps = timesteps.to(device)
+        a = self.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
+        b = self.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
+        noisy = (a * latents + b * noise).to(latents.dtype)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = a * noise - b * latents
+        else:
+            target = latents
+        self.method.on_timesteps(timesteps)
+        embeds = self.embeddings[self.prompt_index[index.to(device)]]
+        pred = self.unet(noisy, timesteps, embeds, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float())
+        self.accelerator.backward(loss)
+        if cfg.max_grad_norm > 0:
+            if self.accelerator.scaler is not None:
+                self.accelerator.unscale_gradients()
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def run(self, resume_from: str | os.PathLike[str] | None = None) -> TrainResult:
+        """Train to ``config.max_steps`` (continuing from checkpoint ``resume_from`` if given).
+
+        Raises ``JobCancelled`` as soon as the callback's ``should_stop`` says so; then no result exists and this
+        run's checkpoints are deleted.
+        """
+        cfg = self.config
+        started = time.perf_counter()
+        with self._pipeline_borrowed():
+            self._seed_everything()
+            self._setup()
+            self.step, self.losses = 0, []
+            if resume_from is not None:
+                self._load_checkpoint(Path(resume_from))
+            try:
+                with self._threads():
+                    self._loop()
+            except JobCancelled:
+                if self.work_dir is not None:
+                    shutil.rmtree(self.work_dir / CHECKPOINT_DIR, ignore_errors=True)
+                raise
+            preview = self._preview() if cfg.preview_every else None
+            tensors = self.method.adapter_state_dict()
+            metadata = self.method.adapter_metadata()
+            self.accelerator.free_memory()
+        return TrainResult(
+            tensors=tensors,
+            metadata=metadata,
+            config=cfg.to_dict(),
+            steps_done=self.step,
+            final_loss=self.losses[-1] if self.losses else math.nan,
+            losses=list(self.losses),
+            seconds=time.perf_counter() - started,
+            preview=preview,
+        )
+
+    def _loop(self) -> None:
+        cfg, callback = self.config, self.callback
+        total = cfg.max_steps
+        recent: deque[float] = deque(maxlen=10)
+        while self.step < total:
+            if callback.should_stop():
+                raise JobCancelled(f"training stopped at step {self.step} of {total}")
+            tick = time.perf_counter()
+            loss = self._train_step()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {self.step + 1}; lower the learning rate")
+            self.step += 1
+            self.losses.append(loss)
+            recent.append(time.perf_counter() - tick)
+            it_per_s = len(recent) / max(sum(recent), 1e-9)
+            callback.on_step(self.step, total, loss, it_per_s, (total - self.step) / it_per_s)
+            if self.step < total:
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.work_dir is not None:
+                    path = self._save_checkpoint()
+                    callback.on_checkpoint(self.step, str(path))
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self._preview()
+
+    # --------------------------------------------------------------------------------------------- preview --
+
+    def _preview(self) -> Image.Image:
+        """A short fixed-seed sample with the adapter active, handed to ``callback.on_preview``."""
+        pipe, unet, device = self.pipe, self.pipe.unet, self.device
+        unet.eval()
+        pipe.vae.to(device)
+        pipe.text_encoder.to(device)
+        try:
+            generator = torch.Generator().manual_seed(self.config.seed)
+            with torch.inference_mode():
+                image = pipe(self.preview_prompt, num_inference_steps=self.config.preview_steps,
+                             height=self.config.resolution, width=self.config.resolution,
+                             generator=generator).images[0]
+        finally:
+            if device.type != "cpu":
+                pipe.vae.to("cpu")
+                pipe.text_encoder.to("cpu")
+            unet.train()
+        self.callback.on_preview(self.step, image)
+        return image
+
+    # ------------------------------------------------------------------------------------------ checkpoint --
+
+    def _save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-XXXXXX/`` into a temp folder, rename it into place, keep the latest ones."""
+        assert self.work_dir is not None
+        root = self.work_dir / CHECKPOINT_DIR
+        final = root / f"step-{self.step:06d}"
+        tmp = root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors: dict[str, torch.Tensor] = {f"param.{i:05d}": p.detach() for i, p in enumerate(self.params)}
+        opt_state = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, state in opt_state["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{idx}.{key}"] = value
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.noise"] = self.noise_gen.get_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        np_state = np.random.get_state()
+        info = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "method": getattr(self.method, "registry_name", type(self.method).__name__),
+            "config": self.config.to_dict(),
+            "dataset_size": len(self.dataset),
+            "prompts": self.prompts,
+            "losses": self.losses,
+            "data": {"epoch": self.epoch, "offset": self.offset},
+            "optimizer": {"param_groups": _json_safe(opt_state["param_groups"]), "scalars": _json_safe(scalars)},
+            "lr_scheduler": _json_safe(self.lr_scheduler.state_dict()),
+            "rng": {
+                "python": _json_safe(random.getstate()),
+                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            },
+        }
+        save_safetensors(tmp / "adapter.safetensors", self.method.adapter_state_dict(), self.method.adapter_metadata())
+        save_safetensors(tmp / "state.safetensors", tensors, {"format": "pt"})
+        atomic_write_json(tmp / "state.json", info)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(self.work_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            info = json.loads((path / "state.json").read_text())
+            tensors, _ = load_safetensors(path / "state.safetensors")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from exc
+        if info.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: checkpoint format {info.get('format')!r} is not supported")
+        method_name = getattr(self.method, "registry_name", type(self.method).__name__)
+        if info["method"] != method_name:
+            raise ValueError(f"{path}: checkpoint of method {info['method']!r}, not {method_name!r}")
+        saved, current = info["config"], self.config.to_dict()
+        changed = sorted(k for k in set(saved) | set(current)
+                         if k not in _RESUME_FREE and saved.get(k) != current.get(k))
+        if changed:
+            raise ValueError(f"{path}: cannot resume with changed settings: {', '.join(changed)}")
+        if info["dataset_size"] != len(self.dataset) or info["prompts"] != self.prompts:
+            raise ValueError(f"{path}: the dataset (images or captions) differs from the checkpoint's")
+        if info["step"] > self.config.max_steps:
+            raise ValueError(f"{path}: checkpoint is at step {info['step']}, beyond max_steps {self.config.max_steps}")
+        n_params = sum(1 for k in tensors if k.startswith("param."))
+        if n_params != len(self.params):
+            raise ValueError(f"{path}: checkpoint has {n_params} parameters, the method has {len(self.params)}")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                saved_p = tensors[f"param.{i:05d}"]
+                if saved_p.shape != p.shape:
+                    raise ValueError(f"{path}: parameter {i} has shape {tuple(saved_p.shape)}, "
+                                     f"expected {tuple(p.shape)}")
+                p.copy_(saved_p)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for idx, values in info["optimizer"]["scalars"].items():
+            state.setdefault(int(idx), {}).update(values)
+        groups = info["optimizer"]["param_groups"]
+        for group in groups:
+            if "betas" in group:
+                group["betas"] = tuple(group["betas"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.lr_scheduler.load_state_dict(info["lr_scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.noise_gen.set_state(tensors["rng.noise"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        py = info["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        name, keys, pos, has_gauss, cached = info["rng"]["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        self.epoch, self.offset = info["data"]["epoch"], info["data"]["offset"]
+        self.step = int(info["step"])
+        self.losses = [float(x) for x in info["losses"]]
