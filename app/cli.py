@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = sub.add_parser("bench", help="benchmarks (writes JSON)")
-    bench.add_argument("suite", choices=["loop"], help="loop: 20-step generation and 50-step training")
+    bench.add_argument("suite", choices=["loop", "compose"],
+                       help="loop: 20-step generation and 50-step training; compose: every composer at N=1..4 "
+                            "adapters against the base model")
     _common(bench)
     bench.add_argument("--json", type=Path, help="write the results here")
 
@@ -148,12 +150,12 @@ def _follow(services, job_id: str, desc: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.main import launch
-
     settings = _settings(args).with_overrides(host=args.host, port=args.port,
                                               auth=args.auth or os.environ.get("LORASTUDIO_AUTH"))
     settings = settings.with_overrides(share=args.share or None)
-    check_exposure(settings.host, settings.share, settings.auth)
+    check_exposure(settings.host, settings.share, settings.auth)  # before the slow imports: refuse at once
+    from app.main import launch
+
     return launch(settings, run_worker=not args.no_worker)
 
 
@@ -268,15 +270,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from services.benchmarks import run_loop_benchmark
+    if args.suite == "compose":
+        from composition.bench import run_builtin_compose_benchmark
 
-    results = run_loop_benchmark(_settings(args))
+        results = run_builtin_compose_benchmark()
+        failed = any("error" in entry for row in results["n"].values() for entry in row.values())
+    else:
+        from services.benchmarks import run_loop_benchmark
+
+        results = run_loop_benchmark(_settings(args))
+        failed = any("error" in r for r in results.values())
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
-    return 1 if any("error" in r for r in results.values()) else 0
+    return 1 if failed else 0
 
 
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "generate": cmd_generate, "worker": cmd_worker,

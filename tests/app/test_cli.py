@@ -127,7 +127,7 @@ def images(tmp_path: Path) -> Path:
     [
         (["--images", "{missing}", "--name", "x"], "no such file or folder"),
         (["--images", "{empty}", "--name", "x"], "no .png/.jpg/.webp/.zip files"),
-        (["--images", "{images}", "--name", "x", "--method", "nope"], "unknown training method 'nope'"),
+        (["--images", "{images}", "--name", "x", "--method", "nope"], "method 'nope'; known: lora"),
         (["--images", "{images}", "--name", "x", "--set", "learning_rate"], "--set expects KEY=VALUE"),
         (["--images", "{images}", "--name", "x", "--set", "bogus=1"], "unknown setting(s) bogus"),
         (["--images", "{images}", "--name", "x", "--steps", "0"], "max_steps"),

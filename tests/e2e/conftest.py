@@ -28,21 +28,17 @@ _timings: list[tuple[str, float]] = []
 _servers: list[Server] = []
 
 
-def ready_times() -> list[tuple[str, float]]:
-    return list(_timings)
-
-
 @pytest.fixture(scope="session")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``lorastudio serve`` on a free port and a fresh data dir, reusing the session's built-in model."""
     root = tmp_path_factory.mktemp("e2e-server")
     srv = start_server(root / "data", models_dir, root / "serve.log")
-    _servers.append(srv)
     try:
         ready = srv.wait_ready()
     except RuntimeError as exc:
         srv.stop()
         pytest.fail(str(exc), pytrace=False)
+    _servers.append(srv)
     _timings.append(("lorastudio serve → first HTTP 200 of the page", ready))
     print(f"\nlorastudio serve answered {srv.url} after {ready:.1f} s")
     try:
@@ -105,10 +101,6 @@ def page(browser_context, server_url: str):
     """A new tab on the app's page, closed after the test."""
     tab = browser_context.new_page()
     tab.set_default_timeout(30_000)
-    messages: list[str] = []
-    tab.on("console", lambda msg: messages.append(f"{msg.type}: {msg.text}") if msg.type == "error" else None)
-    tab.on("pageerror", lambda exc: messages.append(f"pageerror: {exc}"))
-    tab.console_errors = messages  # type: ignore[attr-defined]
     tab.goto(server_url, wait_until="domcontentloaded")
     try:
         yield tab

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 TRAIN_STEPS = 6
 GEN_STEPS = 2
 JOB_TIMEOUT_MS = 180_000
+CANCELLED_STEPS = 500  # long enough that the cancel always lands first
 
 
 def open_tab(page: Page, label: str) -> None:
@@ -42,7 +43,7 @@ def test_corrupt_file_is_named_and_good_file_kept(page: Page, tmp_path: Path, sc
     good = write_images(tmp_path / "good", 1, captions=False)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    fill_train_form(page, [*good, bad], name="e2e-partial", trigger="qpz", steps=20, rank=4)
+    fill_train_form(page, [*good, bad], name="e2e-partial", trigger="qpz", steps=CANCELLED_STEPS, rank=4)
     page.locator("#train-submit").click()
 
     status = page.locator("#train-status")
