@@ -1,4 +1,4 @@
-"""``lorastudio`` command line: serve, train, generate, worker, adapters."""
+"""``lorastudio`` command line: serve, train, generate, worker, jobs, adapters, bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from services.settings import Settings, parse_auth
@@ -73,6 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run queued jobs (alongside or instead of the app's worker)")
     _common(worker)
     worker.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    worker.add_argument("--devices", help="comma-separated devices, one worker thread each: cpu,cpu or "
+                                          "cuda:0,cuda:1 (default: one worker on --device)")
+    worker.add_argument("--memory-gb", type=float, help="memory to route jobs by (default: measured; GPU memory, "
+                                                        "system RAM for the CPU); jobs with a larger "
+                                                        "min_gpu_memory_gb are left to others")
+    worker.add_argument("--lease-seconds", type=float, help="a job silent this long is requeued (default 60)")
+    worker.add_argument("--heartbeat-seconds", type=float, help="lease renewal period (default 5)")
+
+    jobs_cmd = sub.add_parser("jobs", help="the job queue: list, cancel, retry, move to top")
+    jobs_sub = jobs_cmd.add_subparsers(dest="jobs_command", required=True)
+    jobs_list = jobs_sub.add_parser("list", help="newest jobs first")
+    _common(jobs_list)
+    jobs_list.add_argument("--limit", type=int, default=50)
+    jobs_list.add_argument("--status", action="append", help="only these statuses (repeatable)")
+    jobs_list.add_argument("--json", action="store_true", help="machine-readable output")
+    for name, text in (("cancel", "cancel a queued or running job"),
+                       ("retry", "queue a failed, cancelled or interrupted job again"),
+                       ("top", "move a queued job to the front of the queue"),
+                       ("log", "print a job's log")):
+        action = jobs_sub.add_parser(name, help=text)
+        _common(action)
+        action.add_argument("job_id", metavar="ID")
 
     adapters = sub.add_parser("adapters", help="the adapter catalog")
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
@@ -82,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = sub.add_parser("bench", help="benchmarks (writes JSON)")
-    bench.add_argument("suite", choices=["loop", "compose"],
+    bench.add_argument("suite", choices=["loop", "compose", "queue"],
                        help="loop: 20-step generation and 50-step training; compose: every composer at N=1..4 "
-                            "adapters against the base model")
+                            "adapters against the base model; queue: claim throughput, queue-view latency and "
+                            "requeue time on SQLite and PostgreSQL")
     _common(bench)
     bench.add_argument("--json", type=Path, help="write the results here")
+    bench.add_argument("--pg-url", help="queue: PostgreSQL admin URL; a throwaway database is created there "
+                                        "(default: env LORASTUDIO_BENCH_PG_URL or postgres@127.0.0.1:5432; "
+                                        "'none' skips PostgreSQL)")
 
     methods = sub.add_parser("methods", help="list training methods and their settings")
     methods.add_argument("name", nargs="?")
@@ -217,20 +244,81 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from services.container import build_services
+    from services.container import build_device_workers, build_services
 
-    services = build_services(_settings(args), worker_suffix=f"worker-{os.getpid()}")
+    settings = _settings(args).with_overrides(lease_seconds=args.lease_seconds,
+                                              heartbeat_seconds=args.heartbeat_seconds)
+    services = build_services(settings, worker_suffix=f"worker-{os.getpid()}")
+    pool = []
     try:
-        services.worker.recover()
+        if args.devices:
+            devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+            pool = build_device_workers(services, devices, memory_gb=args.memory_gb)
+            workers = [p.worker for p in pool]
+        else:
+            services.worker.memory_gb = args.memory_gb
+            workers = [services.worker]
+        for worker in workers:
+            worker.recover()
         if args.once:
-            while services.worker.run_once():
-                pass
+            threads = [threading.Thread(target=_drain, args=(w,), daemon=True) for w in workers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
             return 0
-        print(f"worker {services.worker.worker_id} waiting for jobs (Ctrl+C to stop)")
+        names = ", ".join(w.worker_id for w in workers)
+        print(f"worker(s) {names} waiting for jobs (Ctrl+C to stop)", flush=True)
+        for worker in workers:
+            worker.start()
         try:
-            services.worker.run_forever()
+            while any(w.running for w in workers):
+                time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+        return 0
+    finally:
+        for worker in [p.worker for p in pool]:
+            worker.stop()
+        for entry in pool:
+            entry.runtime.release()
+        services.close()
+
+
+def _drain(worker) -> None:
+    while worker.run_once():
+        pass
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from services.container import build_services
+
+    services = build_services(_settings(args), worker_suffix="cli")
+    try:
+        if args.jobs_command == "list":
+            found = services.jobs.list_jobs(limit=args.limit, statuses=args.status)
+            if args.json:
+                print(json.dumps([{"id": j.id, "kind": j.kind, "status": j.status, "title": j.title,
+                                   "priority": j.priority, "attempts": j.attempts, "max_attempts": j.max_attempts,
+                                   "step": j.progress.step, "total_steps": j.progress.total_steps,
+                                   "worker_id": j.worker_id, "error": j.error, "result_ref": j.result_ref,
+                                   "created_at": j.created_at.isoformat()} for j in found], indent=2))
+                return 0
+            if not found:
+                print("no jobs")
+            for j in found:
+                steps = f"{j.progress.step}/{j.progress.total_steps or '?'}"
+                print(f"{j.id}  {j.status:10} prio {j.priority:>3}  try {j.attempts}/{j.max_attempts}  "
+                      f"{steps:>11}  {j.title}" + (f"  error: {j.error}" if j.error else ""))
+            return 0
+        if args.jobs_command == "cancel":
+            print(f"{args.job_id}: {services.jobs.cancel(args.job_id)}")
+        elif args.jobs_command == "retry":
+            print(f"{args.job_id}: {services.jobs.retry(args.job_id).status}")
+        elif args.jobs_command == "top":
+            print(f"{args.job_id}: priority {services.jobs.move_to_top(args.job_id).priority}")
+        else:
+            print(services.jobs.log(args.job_id))
         return 0
     finally:
         services.close()
@@ -270,10 +358,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.suite == "compose":
-        from composition.bench import run_builtin_compose_benchmark
+    if args.suite == "queue":
+        from services.queue_bench import run_queue_benchmark
 
-        results = run_builtin_compose_benchmark()
+        pg_url = args.pg_url or os.environ.get("LORASTUDIO_BENCH_PG_URL")
+        results = run_queue_benchmark(pg_admin_url=None if pg_url == "none" else pg_url)
+        failed = bool(results.get("errors"))
+    elif args.suite == "compose":
+        from services.benchmarks import run_compose_benchmark
+
+        results = run_compose_benchmark()
         failed = any("error" in entry for row in results["n"].values() for entry in row.values())
     else:
         from services.benchmarks import run_loop_benchmark
@@ -289,7 +383,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "generate": cmd_generate, "worker": cmd_worker,
-            "adapters": cmd_adapters, "methods": cmd_methods,
+            "jobs": cmd_jobs, "adapters": cmd_adapters, "methods": cmd_methods,
             "bench": cmd_bench}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -40,6 +42,24 @@ class AdapterSet(Protocol):
         ...
 
 
+@runtime_checkable
+class RoutableAdapterSet(AdapterSet, Protocol):
+    """An ``AdapterSet`` that can also give each group of samples in one batched UNet call its own mix.
+
+    Inside ``route(groups)`` a UNet batch of ``len(groups) * k`` samples is split into contiguous chunks of ``k``
+    and chunk ``i`` runs with exactly the adapters and weights of ``groups[i]`` (``{}`` = base model), whatever
+    ``apply`` last activated. Leaving the block restores the UNet exactly. Text encoders are not routed.
+    """
+
+    def can_route(self, names: Iterable[str]) -> bool:
+        """Whether these adapters can be routed per sample (``route`` raises ``ValueError`` otherwise)."""
+        ...
+
+    def route(self, groups: Sequence[Mapping[str, float]]) -> AbstractContextManager[None]:
+        """Context in which UNet calls route ``groups[i]`` to the ``i``-th contiguous chunk of the batch."""
+        ...
+
+
 class UNetFn(Protocol):
     """One UNet call at the current timestep; arguments default to ``ctx.model_input`` and the CFG embeddings."""
 
@@ -65,6 +85,8 @@ class StepContext:
     timesteps: Tensor
     total_steps: int
     latents: Tensor
+    prompt: str = ""
+    negative_prompt: str = ""
     step: int = 0
     timestep: Tensor | None = None
     prompt_embeds: Tensor | None = None

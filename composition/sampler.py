@@ -192,6 +192,8 @@ def _denoise(pipe, composer, adapters, weights, request, scheduler, height, widt
         timesteps=timesteps,
         total_steps=len(timesteps),
         latents=latents,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
     )
     timestep_cond = None
     if time_cond_dim is not None:

@@ -20,6 +20,34 @@ from services.container import build_services
 from services.settings import Settings
 
 
+def run_compose_benchmark(n_values: tuple[int, ...] = (1, 2, 3, 4), steps: int = 20, repeats: int = 5,
+                          threads: int | None = 1) -> dict[str, Any]:
+    """Seconds per image of every composer at N adapters on the built-in model, against the base without adapters.
+
+    The adapters are N random r=8 LoRAs switched through the production ``PeftAdapterSet``; a second copy of the
+    pipeline without adapters is the base. ``threads`` (default 1) pins torch's CPU threads: the tiny model gains
+    nothing from more, and on a shared CPU spinning OpenMP workers make timings erratic.
+    """
+    import torch
+
+    from composition.bench import attach_random_loras
+    from composition.bench import run_compose_benchmark as run_suite
+    from core.builtin import build_pipeline
+    from services.runtime import PeftAdapterSet
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        pipe, base_pipe = build_pipeline(), build_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        base_pipe.set_progress_bar_config(disable=True)
+        return run_suite(pipe, lambda count: PeftAdapterSet(pipe, attach_random_loras(pipe, count)),
+                         n_values=n_values, steps=steps, repeats=repeats, base_pipe=base_pipe)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import gc
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+from composition.routing import router_for
 from core.devices import DevicePlacement
 from core.io import load_safetensors
 from core.pipelines import BaseModelSource, base_model_hash, load_pipeline, resolve_base
@@ -29,6 +32,17 @@ class PeftAdapterSet:
 
     def names(self) -> list[str]:
         return list(self._names)
+
+    def can_route(self, names: Iterable[str]) -> bool:
+        """Whether per-sample routing (``composition.routing``) can serve these adapters."""
+        return router_for(self._pipe.unet).can_route(names)
+
+    def route(self, groups: Sequence[Mapping[str, float]]) -> AbstractContextManager[None]:
+        """One batched UNet call, chunk ``i`` with mix ``groups[i]``; peft's own adapter state is left as is."""
+        unknown = sorted({n for g in groups for n in g} - set(self._names))
+        if unknown:
+            raise KeyError(f"adapters not loaded: {', '.join(unknown)}")
+        return router_for(self._pipe.unet).route(groups)
 
     def apply(self, weights: dict[str, float]) -> None:
         active = {n: float(w) for n, w in weights.items() if w != 0.0}

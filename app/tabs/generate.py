@@ -42,8 +42,9 @@ def render(services: Services) -> GenerateTab:
                     gr.Markdown("Adapters")
                     for i in range(ADAPTER_SLOTS):
                         with gr.Row():
-                            pickers.append(gr.Dropdown(choices=[], value=None, label=f"Adapter {i + 1}",
-                                                       scale=3, elem_id=f"gen-adapter-{i}"))
+                            pickers.append(gr.Dropdown(choices=[], value=None, allow_custom_value=True,
+                                                       label=f"Adapter {i + 1}", scale=3,
+                                                       elem_id=f"gen-adapter-{i}"))
                             sliders.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2,
                                                      elem_id=f"gen-weight-{i}"))
                 with gr.Row():

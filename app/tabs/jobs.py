@@ -24,7 +24,7 @@ def render(services: Services) -> JobsTab:
     with gr.Tab("Jobs", id="jobs"):
         table = gr.HTML(elem_id="jobs-table")
         with gr.Row():
-            selected = gr.Dropdown(label="Job", choices=[], allow_custom_value=False, elem_id="jobs-selected")
+            selected = gr.Dropdown(label="Job", choices=[], allow_custom_value=True, elem_id="jobs-selected")
             cancel = gr.Button("Cancel job", variant="stop", elem_id="jobs-cancel")
         detail = gr.Markdown(elem_id="jobs-detail")
         with gr.Row():

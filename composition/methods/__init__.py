@@ -1,5 +1,5 @@
 """Built-in composers; importing this package registers every one of them in ``COMPOSERS``."""
 
-from composition.methods import merge
+from composition.methods import clora, cmlora, composite, merge, switch
 
-__all__ = ["merge"]
+__all__ = ["clora", "cmlora", "composite", "merge", "switch"]

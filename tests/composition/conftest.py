@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from composition.routing import router_for
 from composition.sampler import SampleRequest
 from core.builtin import build_pipeline
 
@@ -24,6 +25,7 @@ class PeftAdapterSet:
         self.pipe = pipe
         self._names = list(names)
         self.calls: list[dict[str, float]] = []
+        self.routes: list[list[dict[str, float]]] = []
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -31,6 +33,13 @@ class PeftAdapterSet:
     def apply(self, weights: dict[str, float]) -> None:
         self.calls.append(dict(weights))
         set_lora(self.pipe, weights)
+
+    def can_route(self, names) -> bool:
+        return router_for(self.pipe.unet).can_route(names)
+
+    def route(self, groups):
+        self.routes.append([dict(g) for g in groups])
+        return router_for(self.pipe.unet).route(groups)
 
 
 class NoAdapters:
