@@ -35,6 +35,9 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 # Building a built-in model seeds torch's global RNG; two builds at once in one process would mix their
 # random streams and save non-reproducible weights, so builds started from here run one at a time.
 _BUILTIN_LOCK = threading.Lock()
+# diffusers builds models under accelerate's init_empty_weights, which patches torch.nn.Module process-wide, so two
+# threads loading at once can leave each other's weights on the meta device: loads run one at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 class BaseModelError(ValueError):
@@ -313,24 +316,32 @@ def load_pipeline(source: BaseModelSource, placement: DevicePlacement | None = N
     time). Local folders, built-in models and single files with a local config are never looked up online; hub
     models are taken from the local cache first. Every failure is a ``BaseModelError`` naming the model.
     """
-    from diffusers import DiffusionPipeline
-
     placement = placement or choose_placement()
     if allow_download is None:
         allow_download = not downloads_disabled()
+    with _LOAD_LOCK:
+        pipe = _load(source, placement, allow_download)
+    return _check_loaded(pipe, source, placement)
+
+
+def _load(source: BaseModelSource, placement: DevicePlacement, allow_download: bool):
+    from diffusers import DiffusionPipeline
+
     if source.kind == "hub":
-        pipe = _load_hub(source, placement.dtype, allow_download)
-    elif source.kind == "single_file":
-        pipe = _load_single_file(source, placement.dtype, allow_download)
-    else:
-        if not (Path(source.location) / "model_index.json").is_file():
-            raise BaseModelError(f"could not load base model {source.ref!r}: {source.location} is not a diffusers "
-                                 "pipeline folder (no model_index.json)")
-        try:
-            pipe = DiffusionPipeline.from_pretrained(source.location, torch_dtype=placement.dtype,
-                                                     use_safetensors=True, local_files_only=True)
-        except Exception as exc:
-            raise BaseModelError(f"could not load base model {source.ref!r} from {source.location}: {exc}") from exc
+        return _load_hub(source, placement.dtype, allow_download)
+    if source.kind == "single_file":
+        return _load_single_file(source, placement.dtype, allow_download)
+    if not (Path(source.location) / "model_index.json").is_file():
+        raise BaseModelError(f"could not load base model {source.ref!r}: {source.location} is not a diffusers "
+                             "pipeline folder (no model_index.json)")
+    try:
+        return DiffusionPipeline.from_pretrained(source.location, torch_dtype=placement.dtype,
+                                                 use_safetensors=True, local_files_only=True)
+    except Exception as exc:
+        raise BaseModelError(f"could not load base model {source.ref!r} from {source.location}: {exc}") from exc
+
+
+def _check_loaded(pipe, source: BaseModelSource, placement: DevicePlacement):
     missing = _missing_weights(pipe)
     if missing:
         detail = "; ".join(f"{name}: {len(keys)} (e.g. {keys[0]})" for name, keys in missing.items())

@@ -90,6 +90,17 @@ class AttachedAdapter(Protocol):
     def set_scale(self, scale: float) -> None: ...
 
 
+def remove_peft_adapter(model: nn.Module, name: str) -> None:
+    """Delete peft adapter ``name``; when it was the last one, unwrap the layers so ``model`` is as it was."""
+    adapters = set(getattr(model, "peft_config", {}) or {})
+    if name not in adapters:
+        return
+    if adapters == {name}:
+        model.unload_lora()
+    else:
+        model.delete_adapters(name)
+
+
 class PeftAttachedAdapter:
     """An adapter living as a peft adapter named ``name`` inside ``pipe.unet``."""
 
@@ -107,7 +118,7 @@ class PeftAttachedAdapter:
             layer.set_scale(self.name, float(scale))
 
     def remove(self) -> None:
-        self.pipe.unet.delete_adapters(self.name)
+        remove_peft_adapter(self.pipe.unet, self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -1,12 +1,14 @@
 """Training speed: the trainer against a straightforward diffusers + peft loop on the same model and data.
 
-The baseline is what a first diffusers LoRA script does: a DataLoader reading and transforming the images, the
-VAE and the text encoder run on every step, peft's LoRA forward, default ``torch.optim.AdamW`` and gradient
-clipping. Both loops use the same LoRA (same rank, alpha, targets), batch and resolution; steps/s are measured
-after a warm-up, excluding one-time setup (for the trainer: the caching pass), as the best of a few alternating
-rounds so that a noisy, shared machine hurts both sides alike.
+The baseline is what diffusers' ``train_text_to_image_lora`` example does, on accelerate: a DataLoader reading
+and transforming the images, the VAE and the text encoder run on every step, peft's LoRA forward, default
+``torch.optim.AdamW``, gradient clipping and a constant LR schedule. Both loops use the same LoRA (rank, alpha,
+targets), batch and resolution. Steps/s come from the median step time after a warm-up, excluding one-time setup
+(for the trainer: the caching pass), best of a few alternating rounds, so a shared machine hurts both alike.
+By default each loop keeps its own thread setting (torch's for the baseline, the trainer's CPU policy for the
+trainer); ``--threads N`` pins both.
 
-    .venv/bin/python -m training.bench
+    .venv/bin/python -m training.bench [--threads N] [--rounds R] [--steps S]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from PIL import Image
 import training.methods  # noqa: F401  (registers the methods)
 from training.base import METHODS, MethodConfig
 from training.data import ImageCaptionDataset, build_prompt
-from training.trainer import Trainer
+from training.trainer import Trainer, make_accelerator
 
 BASELINE_ADAPTER = "bench_baseline"
 
@@ -78,35 +80,47 @@ def baseline_steps_per_s(pipe: Any, dataset: ImageCaptionDataset, config: Method
 def _baseline_loop(pipe: Any, dataset: ImageCaptionDataset, config: MethodConfig, trigger_word: str,
                    total: int) -> list[float]:
     from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
 
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    accelerator = make_accelerator("no")
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
-    generator = torch.Generator().manual_seed(config.seed)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
     unet.train()
     stamps: list[float] = []
-    while len(stamps) < total:
-        for batch in loader:
-            prompts = [build_prompt(c, trigger_word) for c in batch["caption"]]
-            with torch.no_grad():
-                latents = vae.encode(batch["pixels"]).latent_dist.sample(generator) * vae.config.scaling_factor
-                ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
-                embeds = text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            pred = unet(noisy, timesteps, embeds).sample
-            loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            stamps.append(time.perf_counter())
-            if len(stamps) >= total:
-                break
+    try:
+        while len(stamps) < total:
+            for batch in loader:
+                prompts = [build_prompt(c, trigger_word) for c in batch["caption"]]
+                with torch.no_grad():
+                    latents = vae.encode(batch["pixels"]).latent_dist.sample() * vae.config.scaling_factor
+                    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                    embeds = text_encoder(ids, return_dict=False)[0]
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                          device=latents.device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                pred = unet(noisy, timesteps, embeds, return_dict=False)[0]
+                loss = F.mse_loss(pred.float(), noise.float())
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+                stamps.append(time.perf_counter())
+                if len(stamps) >= total:
+                    break
+    finally:
+        accelerator.free_memory()
+        for key in ("forward", "_original_forward", "_is_accelerate_prepared"):
+            pipe.unet.__dict__.pop(key, None)
     return stamps
 
 

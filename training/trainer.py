@@ -57,7 +57,8 @@ def latest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
     return found[-1] if found else None
 
 
-def _make_accelerator(mixed_precision: str) -> Any:
+def make_accelerator(mixed_precision: str = "no") -> Any:
+    """An ``Accelerator`` on CUDA when present, else CPU, with ``mixed_precision`` autocast."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -186,7 +187,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.config
         unet = self.pipe.unet
-        self.accelerator = _make_accelerator(cfg.mixed_precision)
+        self.accelerator = make_accelerator(cfg.mixed_precision)
         self.device = self.accelerator.device
         self._cache_inputs()
         params = self.method.inject(unet)
@@ -226,19 +227,21 @@ class Trainer:
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         variants = [False, True] if self.config.flip else [False]
-        pixels = torch.stack([to_tensor(self.dataset.image(i)) for i in range(len(self.dataset))])
-        latents = []
-        for flipped in variants:
-            batch = pixels.flip(-1) if flipped else pixels
-            chunks = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean
-                      for chunk in batch.split(_ENCODE_BATCH)]
-            latents.append((torch.cat(chunks) - shift) * scaling)
-        self.latents = torch.stack(latents).to(pipe.unet.dtype).contiguous()  # (variants, N, C, h, w)
-        distinct = list(dict.fromkeys(self.prompts))
+        latents: list[list[torch.Tensor]] = [[] for _ in variants]
+        for start in range(0, len(self.dataset), _ENCODE_BATCH):
+            stop = min(start + _ENCODE_BATCH, len(self.dataset))
+            pixels = torch.stack([to_tensor(self.dataset.image(i)) for i in range(start, stop)])
+            pixels = pixels.to(device, vae.dtype)
+            for out, flipped in zip(latents, variants):
+                out.append(vae.encode(pixels.flip(-1) if flipped else pixels).latent_dist.mean)
+        self.latents = ((torch.stack([torch.cat(v) for v in latents]) - shift) * scaling).to(pipe.unet.dtype)
+        # self.latents: (variants, N, C, h, w); variant 1 is the mirror image
+        position = {p: i for i, p in enumerate(dict.fromkeys(self.prompts))}
+        distinct = list(position)
         embeds = [pipe.encode_prompt(distinct[i:i + _ENCODE_BATCH], device, 1, False)[0]
                   for i in range(0, len(distinct), _ENCODE_BATCH)]
         self.embeddings = torch.cat(embeds).to(pipe.unet.dtype).contiguous()
-        self.prompt_index = torch.tensor([distinct.index(p) for p in self.prompts], device=device)
+        self.prompt_index = torch.tensor([position[p] for p in self.prompts], device=device)
         if device.type != "cpu":
             vae.to("cpu")
             text_encoder.to("cpu")
@@ -396,7 +399,8 @@ class Trainer:
         root = self.work_dir / CHECKPOINT_DIR
         final = root / f"step-{self.step:06d}"
         tmp = root / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step-*.tmp") if root.is_dir() else ():  # left by a crash while saving
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         tensors: dict[str, torch.Tensor] = {f"param.{i:05d}": p.detach() for i, p in enumerate(self.params)}
         opt_state = self.optimizer.state_dict()

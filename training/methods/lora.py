@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.base import METHODS, Method, MethodConfig, PeftAttachedAdapter
+from training.base import METHODS, Method, MethodConfig, PeftAttachedAdapter, remove_peft_adapter
 
 TRAIN_ADAPTER = "lorastudio_train"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers reads LoraConfig kwargs from this header entry
@@ -133,9 +133,16 @@ class LoRA(Method):
             target_modules=list(cfg.target_modules),
             init_lora_weights="gaussian" if cfg.init == "gaussian" else True,
         )
+        names = [n for n, _ in unet.named_modules()]
+        unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:
+            raise ValueError(f"target_modules {', '.join(unmatched)} match no UNet layer; use names such as "
+                             "to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.2")
         try:
             unet.add_adapter(peft_config, adapter_name=TRAIN_ADAPTER)
         except ValueError as exc:
+            if not getattr(unet, "peft_config", None) and hasattr(unet, "_hf_peft_config_loaded"):
+                unet._hf_peft_config_loaded = False  # let the next add_adapter start from scratch
             raise ValueError(f"cannot add LoRA to the UNet with target_modules={cfg.target_modules}: {exc}") from exc
         self.unet = unet
         from peft.tuners.lora import Linear as LoraLinear
@@ -174,8 +181,7 @@ class LoRA(Method):
         for layer in _lora_layers(unet, TRAIN_ADAPTER).values():
             layer.__dict__.pop("forward", None)
             layer.__dict__.pop("_lorastudio_adapter", None)
-        if TRAIN_ADAPTER in getattr(unet, "peft_config", {}):
-            unet.delete_adapters(TRAIN_ADAPTER)
+        remove_peft_adapter(unet, TRAIN_ADAPTER)
         self.unet = None
 
     @classmethod
