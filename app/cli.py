@@ -248,6 +248,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args).with_overrides(lease_seconds=args.lease_seconds,
                                               heartbeat_seconds=args.heartbeat_seconds)
+    if args.heartbeat_seconds is None and settings.heartbeat_seconds >= settings.lease_seconds / 2:
+        settings = settings.with_overrides(heartbeat_seconds=settings.lease_seconds / 4)
     services = build_services(settings, worker_suffix=f"worker-{os.getpid()}")
     pool = []
     try:
@@ -318,7 +320,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         elif args.jobs_command == "top":
             print(f"{args.job_id}: priority {services.jobs.move_to_top(args.job_id).priority}")
         else:
-            print(services.jobs.log(args.job_id))
+            from app.formatting import job_log_text
+
+            print(job_log_text(services.jobs.get(args.job_id)))
         return 0
     finally:
         services.close()
@@ -359,10 +363,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "queue":
-        from services.queue_bench import run_queue_benchmark
+        from app.formatting import job_table_html
+        from services.queue_bench import DEFAULT_PG_ADMIN_URL, run_queue_benchmark
 
-        pg_url = args.pg_url or os.environ.get("LORASTUDIO_BENCH_PG_URL")
-        results = run_queue_benchmark(pg_admin_url=None if pg_url == "none" else pg_url)
+        pg_url = args.pg_url or os.environ.get("LORASTUDIO_BENCH_PG_URL") or DEFAULT_PG_ADMIN_URL
+        results = run_queue_benchmark(pg_admin_url=None if pg_url == "none" else pg_url, render=job_table_html)
         failed = bool(results.get("errors"))
     elif args.suite == "compose":
         from services.benchmarks import run_compose_benchmark

@@ -61,12 +61,23 @@ def job_detail_md(job: JobInfo) -> str:
         + (f", {p.it_per_s:.2f} it/s" if p.it_per_s else "")
         + (f", ETA {duration(p.eta_s)}" if job.status == "running" and p.eta_s is not None else ""),
         f"created {when(job.created_at)}, started {when(job.started_at)}, finished {when(job.finished_at)}",
+        f"priority {job.priority}, attempt {job.attempts} of {job.max_attempts}"
+        + (f", worker `{job.worker_id}`" if job.worker_id else "")
+        + (", save requested" if job.save_now else "") + (", sample requested" if job.sample_now else ""),
     ]
     if p.message:
         lines.append(f"_{p.message}_")
     if job.error:
         lines.append(f"**error:** {job.error}")
     return "\n\n".join(lines)
+
+
+def job_log_text(job: JobInfo) -> str:
+    """The job's log, one ``time  message`` line per event; the error is always shown."""
+    lines = [f"{stamp}  {text}" for stamp, text in job.log]
+    if job.error and not any(job.error in text for _, text in job.log):
+        lines.append(f"error: {job.error}")
+    return "\n".join(lines)
 
 
 def adapter_caption(a: AdapterInfo) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,3 +72,15 @@ def choose_placement(device: str | None = None, dtype: str | torch.dtype | None 
     else:
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPES))}")
     return DevicePlacement(dev, dt)
+
+
+def device_memory_gb(device: torch.device | str) -> float:
+    """Total memory of ``device`` in GiB: the GPU's own memory, or the system RAM for the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):
+        return 0.0

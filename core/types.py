@@ -91,6 +91,13 @@ class JobInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    priority: int = 0
+    attempts: int = 0
+    max_attempts: int = 3
+    worker_id: str | None = None
+    save_now: bool = False
+    sample_now: bool = False
+    log: tuple[tuple[str, str], ...] = ()  # (ISO time, text), oldest first
 
     @property
     def finished(self) -> bool:

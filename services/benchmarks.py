@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from core.types import GenerationRequest
 from services.container import build_services
 from services.settings import Settings
+from training.bench import make_images
 
 
 def run_compose_benchmark(n_values: tuple[int, ...] = (1, 2, 3, 4), steps: int = 20, repeats: int = 5,
@@ -52,17 +50,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _make_images(folder: Path, count: int) -> list[Path]:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
-
-
 def _generation(settings: Settings, steps: int) -> dict[str, Any]:
     services = build_services(settings)
     try:
@@ -86,7 +73,8 @@ def _generation(settings: Settings, steps: int) -> dict[str, Any]:
 def _training(settings: Settings, steps: int, work: Path) -> dict[str, Any]:
     services = build_services(settings)
     try:
-        files = _make_images(work / "images", 3)
+        (work / "images").mkdir(parents=True, exist_ok=True)
+        files = [path for path, _ in make_images(work / "images", 3)]
         _, job = services.train_from_upload(files, name="bench", trigger_word="sks",
                                             config={"max_steps": steps, "preview_every": 0, "checkpoint_every": 0})
         start = time.perf_counter()

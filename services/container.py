@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.devices import choose_placement
+from core.devices import choose_placement, device_memory_gb
 from core.types import DatasetInfo, GenerationRequest, JobInfo
 from services.catalog import CatalogService
 from services.datasets import DatasetService
@@ -19,6 +19,9 @@ from services.training import TrainingService
 from services.worker import Worker, default_worker_id
 from storage.artifacts import ArtifactStore
 from storage.db import open_database
+
+# Temp files younger than this may belong to a write in progress in another process (a worker on this data dir).
+ORPHAN_MIN_AGE_S = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine, sessions = open_database(settings.database_url)
     store = ArtifactStore(settings.artifacts_dir)
-    store.remove_orphans()
+    store.remove_orphans(min_age_s=ORPHAN_MIN_AGE_S)
     runtime = ModelRuntime(settings.models_dir, choose_placement(settings.device, settings.dtype),
                            single_file_config=settings.base_model_config)
     datasets = DatasetService(sessions, store)
@@ -78,3 +81,42 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
     )
     jobs = JobService(sessions, wake_worker=worker.wake)
     return Services(settings, engine, sessions, runtime, datasets, training, generation, catalog, jobs, worker)
+
+
+@dataclass(frozen=True)
+class DeviceWorker:
+    """One worker thread bound to one device, with its own model runtime."""
+
+    device: str
+    runtime: ModelRuntime
+    worker: Worker
+
+
+def build_device_workers(services: Services, devices: list[str], memory_gb: float | None = None,
+                         worker_id: str | None = None) -> list[DeviceWorker]:
+    """One :class:`Worker` per entry of ``devices`` (``cpu``, ``cuda:0`` ...; repeats allowed), each with its own
+    placement and runtime. A worker claims only jobs whose ``min_gpu_memory_gb`` its device meets (``memory_gb``
+    overrides the measured memory: GPU memory, or system RAM for the CPU)."""
+    if not devices:
+        raise ValueError("give at least one device, e.g. --devices cpu or --devices cuda:0,cuda:1")
+    settings = services.settings
+    base_id = worker_id or services.worker.worker_id
+    built: list[DeviceWorker] = []
+    store = ArtifactStore(settings.artifacts_dir)
+    for index, device in enumerate(devices):
+        placement = choose_placement(device, settings.dtype)
+        runtime = ModelRuntime(settings.models_dir, placement, single_file_config=settings.base_model_config)
+        training = TrainingService(services.sessions, store, runtime, services.datasets.training_records,
+                                   settings.base_model)
+        generation = GenerationService(services.sessions, store, runtime, settings.base_model)
+        worker = Worker(
+            services.sessions,
+            {"train": training.run_train_job, "generate": generation.run_generate_job},
+            worker_id=f"{base_id}/{index}:{placement.device}",
+            lease_seconds=settings.lease_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            poll_seconds=settings.poll_seconds,
+            memory_gb=memory_gb if memory_gb is not None else device_memory_gb(placement.device),
+        )
+        built.append(DeviceWorker(device, runtime, worker))
+    return built

@@ -104,7 +104,7 @@ class GenerationService:
             catalog.add_image(session, id=image_id, path=rel, prompt=req["prompt"],
                               negative_prompt=req["negative_prompt"], seed=req["seed"], adapters=adapters,
                               composer=req["composer"], params=params, job_id=job.id, sha256=sha)
-            jobs.finish(session, job.id, result_ref=image_id)
+            jobs.finish(session, job.id, result_ref=image_id, worker_id=reporter.worker_id)
         return image_id
 
     def get_image(self, image_id: str) -> ImageInfo:

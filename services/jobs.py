@@ -1,4 +1,4 @@
-"""Use cases of the Jobs view: list, inspect, cancel, wait."""
+"""Use cases of the Jobs view: list, inspect, cancel, retry, reorder, save/sample now, wait."""
 
 from __future__ import annotations
 
@@ -27,6 +27,33 @@ class JobService:
     def cancel(self, job_id: str) -> str:
         with writing(self._sessions) as session:
             return jobs.request_cancel(session, job_id)
+
+    def retry(self, job_id: str) -> JobInfo:
+        """Queue a failed, cancelled or interrupted job again (attempts reset; training resumes from its
+        last checkpoint if one is left)."""
+        with writing(self._sessions) as session:
+            info = jobs.job_info(jobs.retry(session, job_id))
+        self._wake()
+        return info
+
+    def move_to_top(self, job_id: str) -> JobInfo:
+        """Make a queued job the next one claimed."""
+        with writing(self._sessions) as session:
+            return jobs.job_info(jobs.move_to_top(session, job_id))
+
+    def set_priority(self, job_id: str, priority: int) -> JobInfo:
+        with writing(self._sessions) as session:
+            return jobs.job_info(jobs.set_priority(session, job_id, priority))
+
+    def save_now(self, job_id: str) -> None:
+        """Ask a running job for a checkpoint at its next step."""
+        with writing(self._sessions) as session:
+            jobs.request_save(session, job_id)
+
+    def sample_now(self, job_id: str) -> None:
+        """Ask a running job for a preview image at its next step."""
+        with writing(self._sessions) as session:
+            jobs.request_sample(session, job_id)
 
     def notify(self) -> None:
         """Tell an in-process worker that a job was queued."""

@@ -57,7 +57,9 @@ class Settings:
         for key, attr in simple.items():
             if f"{ENV_PREFIX}{key}" in env:
                 values[attr] = env[f"{ENV_PREFIX}{key}"]
-        for key, attr, conv in (("PORT", "port", int), ("LEASE_SECONDS", "lease_seconds", float)):
+        numbers = (("PORT", "port", int), ("LEASE_SECONDS", "lease_seconds", float),
+                   ("HEARTBEAT_SECONDS", "heartbeat_seconds", float), ("POLL_SECONDS", "poll_seconds", float))
+        for key, attr, conv in numbers:
             if f"{ENV_PREFIX}{key}" in env:
                 try:
                     values[attr] = conv(env[f"{ENV_PREFIX}{key}"])

@@ -73,7 +73,19 @@ class _JobCallback:
         self._reporter.progress(step, self.total, message=f"checkpoint saved at step {step}", force=True)
 
     def should_stop(self) -> bool:
+        """Checked by the trainer before every step: cancel (True), lease lost (raises); refreshes requests."""
         return self._reporter.should_stop()
+
+    def pending_requests(self) -> set[str]:
+        """'Save now' and 'Sample now' from the Jobs tab, honoured by the trainer right after this step."""
+        wanted = set()
+        if self._reporter.save_requested:
+            self._reporter.done_request("save_now", "save now: checkpoint written at the next step")
+            wanted.add("checkpoint")
+        if self._reporter.sample_requested:
+            self._reporter.done_request("sample_now", "sample now: preview rendered at the next step")
+            wanted.add("preview")
+        return wanted
 
 
 class TrainingService:
@@ -139,11 +151,14 @@ class TrainingService:
         trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"], callback=callback,
                           work_dir=work_dir, kind=p["kind"])
         reporter.check_cancel()
-        result = trainer.run(resume_from=latest_checkpoint(work_dir))
+        resume_from = latest_checkpoint(work_dir)
+        if resume_from is not None:
+            reporter.progress(0, cfg.max_steps, message=f"resuming from checkpoint {resume_from.name}", force=True)
+        result = trainer.run(resume_from=resume_from)
         del pipe, trainer
-        return self._save_adapter(job, result, callback.previews)
+        return self._save_adapter(job, result, callback.previews, reporter.worker_id)
 
-    def _save_adapter(self, job: JobInfo, result: TrainResult, previews: list[Path]) -> str:
+    def _save_adapter(self, job: JobInfo, result: TrainResult, previews: list[Path], worker_id: str) -> str:
         p = job.payload
         adapter_id = uuid.uuid4().hex
         base_hash = self._runtime.base_hash(p["base_model"])
@@ -168,7 +183,7 @@ class TrainingService:
                                     training_config=result.config, steps=result.steps_done,
                                     sha256=written.sha256, file_size=written.size, file_path=written.path,
                                     dataset_id=p["dataset_id"], job_id=job.id, previews=preview_rels)
-                jobs.finish(session, job.id, result_ref=adapter_id)
+                jobs.finish(session, job.id, result_ref=adapter_id, worker_id=worker_id)
         except BaseException:
             self._store.remove_adapter(adapter_id)  # never leave files the catalog does not know
             raise

@@ -126,7 +126,12 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     result_ref: Mapped[str | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)  # claims so far; a lost worker requeues until max_attempts
+    max_attempts: Mapped[int] = mapped_column(default=3)
+    save_now: Mapped[bool] = mapped_column(default=False)  # checkpoint requested by the user
+    sample_now: Mapped[bool] = mapped_column(default=False)  # preview requested by the user
+    min_memory_gb: Mapped[float | None]  # only devices with at least this much memory claim the job
+    log: Mapped[json_list]  # [[iso time, text], ...]: progress messages, requeues, errors
     worker_id: Mapped[str | None]
     heartbeat_at: Mapped[datetime | None]
     created_at: Mapped[created_ts] = mapped_column(index=True)

@@ -186,6 +186,10 @@ class TrainerCallback(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    def pending_requests(self) -> set[str]:
+        """On-demand work asked for since the last step: a subset of ``{"checkpoint", "preview"}``."""
+        ...
+
 
 class NullCallback:
     """A callback that ignores everything and never stops."""
@@ -201,6 +205,9 @@ class NullCallback:
 
     def should_stop(self) -> bool:
         return False
+
+    def pending_requests(self) -> set[str]:
+        return set()
 
 
 class JobCancelled(Exception):

@@ -363,10 +363,12 @@ class Trainer:
             it_per_s = len(recent) / max(sum(recent), 1e-9)
             callback.on_step(self.step, total, loss, it_per_s, (total - self.step) / it_per_s)
             if self.step < total:
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.work_dir is not None:
+                requested = getattr(callback, "pending_requests", set)()
+                periodic_checkpoint = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                if (periodic_checkpoint or "checkpoint" in requested) and self.work_dir is not None:
                     path = self._save_checkpoint()
                     callback.on_checkpoint(self.step, str(path))
-                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                if (cfg.preview_every and self.step % cfg.preview_every == 0) or "preview" in requested:
                     self._preview()
 
     # --------------------------------------------------------------------------------------------- preview --

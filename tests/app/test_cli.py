@@ -198,3 +198,32 @@ def test_console_script_error_exit_code(tmp_path: Path, models_dir: Path) -> Non
     assert result.returncode == 2
     assert "error:" in result.stderr and "no such file or folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_jobs_commands_and_device_workers(tmp_path: Path, models_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from core.types import GenerationRequest
+
+    data = tmp_path / "queue-data"
+    services = build_services(Settings(data_dir=data, models_path=models_dir))
+    try:
+        first, second = (services.generation.submit(GenerationRequest(prompt="a disc", seed=s, steps=2)).id
+                         for s in (1, 2))
+    finally:
+        services.close()
+    home = ["--data-dir", str(data)]
+    code, out, _ = run_main(["jobs", "top", second, *home], capsys)
+    assert code == 0 and out.strip() == f"{second}: priority 2"  # generation jobs start at priority 1
+    assert run_main(["jobs", "cancel", first, *home], capsys)[1].strip() == f"{first}: cancelled"
+    assert run_main(["jobs", "retry", first, *home], capsys)[1].strip() == f"{first}: queued"
+    code, out, _ = run_main(["jobs", "log", first, *home], capsys)
+    assert "cancelled before it started" in out and out.rstrip().endswith("queued again (retry)")
+    code, out, err = run_main(["jobs", "retry", second, *home], capsys)
+    assert code == 2 and "cannot retry" in err
+    assert run_main(["worker", "--once", "--devices", "cpu,cpu", *home], capsys)[0] == 0
+    code, out, _ = run_main(["jobs", "list", "--json", *home], capsys)
+    listing = {j["id"]: j for j in json.loads(out)}
+    assert {j["status"] for j in listing.values()} == {"succeeded"}
+    assert all(j["worker_id"] is None or "/" in j["worker_id"] for j in listing.values())
+    code, out, _ = run_main(["jobs", "list", *home], capsys)
+    assert code == 0 and first in out and "succeeded" in out

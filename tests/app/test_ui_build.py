@@ -13,13 +13,15 @@ from services.container import Services, build_services
 TAB_IDS = {"train", "jobs", "gallery", "generate"}
 ELEM_IDS = {
     "train-files", "train-name", "train-trigger", "train-kind", "train-method", "train-steps", "train-rank",
-    "train-submit", "train-status", "jobs-table", "jobs-selected", "jobs-cancel", "jobs-detail", "jobs-loss",
+    "train-submit", "train-status", "jobs-table", "jobs-selected", "jobs-cancel", "jobs-retry", "jobs-top",
+    "jobs-save-now", "jobs-sample-now", "jobs-log", "jobs-detail", "jobs-loss",
     "jobs-preview", "gallery-search", "gallery-refresh", "gallery-cards", "gallery-detail", "gallery-download",
     "gallery-delete", "gallery-confirm-delete", "gallery-restore", "gen-prompt", "gen-submit", "gen-result",
     "gen-status", "gen-history",
     *(f"gen-adapter-{i}" for i in range(4)), *(f"gen-weight-{i}" for i in range(4)),
 }
-API_NAMES = {"train", "job_status", "cancel_job", "list_adapters", "adapter_choices", "generate"}
+API_NAMES = {"train", "job_status", "job_log", "cancel_job", "retry_job", "move_job_to_top", "save_now", "sample_now",
+             "list_adapters", "adapter_choices", "generate"}
 
 
 @pytest.fixture()
@@ -68,3 +70,23 @@ def test_config_serialises(demo: gr.Blocks) -> None:
     config = demo.get_config_file()
     assert config["title"] == "LoRA Studio"
     assert len(config["components"]) > 40
+
+
+def test_jobs_tab_operations(demo: gr.Blocks, services: Services) -> None:
+    from core.types import GenerationRequest
+
+    handlers = {fn.api_name: fn.fn for fn in demo.fns.values() if fn.api_name}
+    first, second = (services.generation.submit(GenerationRequest(prompt="a disc", seed=s, steps=2)).id
+                     for s in (1, 2))
+    handlers["move_job_to_top"](first)
+    assert services.jobs.get(first).priority > services.jobs.get(second).priority
+    handlers["cancel_job"](second)
+    handlers["retry_job"](second)
+    assert services.jobs.get(second).status == "queued"
+    log = handlers["job_log"](second)
+    assert "cancelled before it started" in log and "queued again (retry)" in log
+    for name in ("save_now", "sample_now", "retry_job"):
+        with pytest.raises(gr.Error):
+            handlers[name](first)  # queued, not running / not finished
+    with pytest.raises(gr.Error, match="pick a job"):
+        handlers["retry_job"](None)

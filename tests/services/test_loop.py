@@ -116,16 +116,18 @@ def test_cancel_running_training(services, image_dir):
     assert not list((services.settings.artifacts_dir / "adapters").glob("*"))
 
 
-def test_crash_leaves_job_visible_as_interrupted(services, image_dir):
+def test_crash_requeues_the_job_for_the_restarted_worker(services, image_dir):
     _, job = services.train_from_upload(sorted(image_dir.iterdir()), name="crashy", trigger_word="sks",
                                         config=TRAIN)
     claimed = jobs.claim_job(services.sessions, job.id, services.worker.worker_id)
     assert claimed and claimed.status == "running"
-    # the app "restarts": a worker with the same id recovers and shows the job as interrupted
+    # the app "restarts": a worker with the same id recovers and puts the job back in the queue
     restarted = Worker(services.sessions, {}, services.worker.worker_id)
     assert restarted.recover() == [job.id]
     after = services.jobs.get(job.id)
-    assert after.status == "interrupted" and "interrupted" in after.error
+    assert after.status == "queued" and after.attempts == 1 and "restarted" in after.progress.message
+    assert services.worker.run_once()
+    assert services.jobs.get(job.id).status == "succeeded"
 
 
 def test_failed_job_does_not_stop_the_worker(services, image_dir):

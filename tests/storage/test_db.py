@@ -41,7 +41,7 @@ def test_migrations_match_models(engine: Engine) -> None:
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
         names = set(inspect(conn).get_table_names())
     assert names == set(Base.metadata.tables) | {"alembic_version"}
 

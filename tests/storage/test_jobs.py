@@ -158,7 +158,7 @@ def test_claim_job(sessions) -> None:
     assert jobs.claim_next(sessions, "w").id == first
 
 
-def test_recover_stale(sessions) -> None:
+def test_recover_stale_requeues(sessions) -> None:
     stale, fresh, waiting = _enqueue(sessions, 3)
     jobs.claim_job(sessions, stale, "w1")
     jobs.claim_job(sessions, fresh, "w2")
@@ -168,15 +168,115 @@ def test_recover_stale(sessions) -> None:
     with sessions.begin() as session:
         assert jobs.recover_stale(session, lease_seconds=30, now=beat + timedelta(seconds=90)) == [stale]
     info = _get(sessions, stale)
-    assert info.status == "interrupted" and info.finished_at is not None
-    assert info.error == "interrupted: the worker stopped while this job was running (no heartbeat for 90 s)"
+    assert info.status == "queued" and info.worker_id is None and info.attempts == 1
+    assert info.progress.message.startswith("requeued: worker lost") and "w1 (90 s ago)" in info.progress.message
     assert _get(sessions, fresh).status == "running"
     assert _get(sessions, waiting).status == "queued"
     with sessions.begin() as session:
         assert jobs.heartbeat(session, stale, "w1") is False  # the worker learns it lost the job
-        with pytest.raises(ValueError, match="interrupted"):
+        with pytest.raises(ValueError, match="queued"):
             jobs.update_progress(session, stale, step=1, total_steps=2)
         assert jobs.recover_stale(session, lease_seconds=30, now=utcnow()) == []
+
+
+def test_lease_expiry_fails_after_max_attempts(sessions) -> None:
+    with sessions.begin() as session:
+        job_id = jobs.enqueue(session, "train", {}, title="t", max_attempts=3).id
+    for attempt in range(1, 4):
+        claimed = jobs.claim_next(sessions, f"w{attempt}")
+        assert claimed is not None and claimed.id == job_id and claimed.attempts == attempt
+        with sessions.begin() as session:
+            assert jobs.recover_stale(session, lease_seconds=5, now=utcnow() + timedelta(seconds=60)) == [job_id]
+    info = _get(sessions, job_id)
+    assert info.status == "failed" and info.finished_at is not None
+    assert info.error.startswith("worker lost 3 times; last seen ") and "on w3" in info.error
+    assert sum(text.startswith("requeued") for _, text in info.log) == 2
+    assert jobs.claim_next(sessions, "w4") is None
+    with sessions.begin() as session:
+        jobs.retry(session, job_id)
+    again = _get(sessions, job_id)
+    assert again.status == "queued" and again.attempts == 0 and again.error is None
+    assert jobs.claim_next(sessions, "w5").attempts == 1
+
+
+def test_restarted_worker_requeues_its_jobs(sessions) -> None:
+    mine, other = _enqueue(sessions, 2)
+    jobs.claim_job(sessions, mine, "w1")
+    jobs.claim_job(sessions, other, "w2")
+    with sessions.begin() as session:
+        assert jobs.interrupt_worker_jobs(session, "w1", "the worker restarted") == [mine]
+    assert _get(sessions, mine).status == "queued" and _get(sessions, other).status == "running"
+    assert "the worker restarted" in _get(sessions, mine).progress.message
+
+
+def test_cancel_requested_then_worker_lost_is_cancelled(sessions) -> None:
+    (job_id,) = _enqueue(sessions)
+    jobs.claim_next(sessions, "w1")
+    with sessions.begin() as session:
+        jobs.request_cancel(session, job_id)
+        jobs.recover_stale(session, lease_seconds=1, now=utcnow() + timedelta(seconds=10))
+    assert _get(sessions, job_id).status == "cancelled"
+
+
+def test_stale_worker_cannot_touch_a_reclaimed_job(sessions) -> None:
+    (job_id,) = _enqueue(sessions)
+    jobs.claim_next(sessions, "old")
+    with sessions.begin() as session:
+        jobs.recover_stale(session, lease_seconds=1, now=utcnow() + timedelta(seconds=10))
+    jobs.claim_next(sessions, "new")
+    with sessions.begin() as session:
+        assert not jobs.control_state(session, job_id, "old").owned
+        assert jobs.control_state(session, job_id, "new").owned
+        for call in (lambda: jobs.finish(session, job_id, worker_id="old"),
+                     lambda: jobs.fail(session, job_id, "x", worker_id="old"),
+                     lambda: jobs.mark_cancelled(session, job_id, worker_id="old"),
+                     lambda: jobs.update_progress(session, job_id, step=1, total_steps=2, worker_id="old")):
+            with pytest.raises(ValueError, match="no longer holds it"):
+                call()
+        jobs.finish(session, job_id, worker_id="new")
+    assert _get(sessions, job_id).status == "succeeded"
+
+
+def test_retry_reorder_and_flags(sessions) -> None:
+    a, b, c = _enqueue(sessions, 3)
+    with sessions.begin() as session:
+        jobs.move_to_top(session, c)
+        jobs.set_priority(session, a, -5)
+    assert [jobs.claim_next(sessions, "w").id for _ in range(3)] == [c, b, a]
+    with sessions.begin() as session:
+        with pytest.raises(ValueError, match="not queued"):
+            jobs.move_to_top(session, a)
+        with pytest.raises(ValueError, match="cannot retry"):
+            jobs.retry(session, a)  # running
+        jobs.request_save(session, a)
+        jobs.request_sample(session, a)
+        state = jobs.control_state(session, a, "w")
+        assert state.owned and state.save_now and state.sample_now and not state.cancel
+        assert jobs.clear_request(session, a, "save_now", "checkpoint saved at step 3")
+        assert not jobs.clear_request(session, a, "save_now")
+        jobs.fail(session, a, "boom")
+        with pytest.raises(ValueError, match="request"):
+            jobs.request_save(session, a)
+        jobs.mark_cancelled(session, b)
+        jobs.retry(session, a)
+        jobs.retry(session, b)
+    info = _get(sessions, a)
+    assert info.status == "queued" and not info.save_now and info.sample_now is False
+    texts = [text for _, text in info.log]
+    assert "save now requested" in texts and "checkpoint saved at step 3" in texts and "failed: boom" in texts
+    assert texts[-1] == "queued again (retry)"
+    assert _get(sessions, b).status == "queued"
+
+
+def test_memory_routing(sessions) -> None:
+    with sessions.begin() as session:
+        big = jobs.enqueue(session, "train", {"min_gpu_memory_gb": 40}, title="big").id
+        small = jobs.enqueue(session, "train", {"min_gpu_memory_gb": 8}, title="small").id
+        with pytest.raises(ValueError, match="min_gpu_memory_gb"):
+            jobs.enqueue(session, "train", {"min_gpu_memory_gb": "lots"}, title="bad")
+    assert jobs.claim_next(sessions, "w", memory_gb=16).id == small
+    assert jobs.claim_next(sessions, "w", memory_gb=16) is None
+    assert jobs.claim_next(sessions, "w", memory_gb=80).id == big
 
 
 def test_loss_curve_is_capped(sessions, monkeypatch) -> None:
