@@ -48,14 +48,13 @@ class GenerationService:
         composer_cls = COMPOSERS.get(request.composer)
         composer_cls.config_cls.from_dict(request.composer_config)
         with writing(self._sessions) as session:
-            resolved = []
-            for pick in request.adapters:
-                row = catalog.get_adapter(session, pick.adapter)
-                resolved.append({"adapter": row.id, "name": row.name, "weight": float(pick.weight)})
-            bases = {catalog.get_adapter(session, a["adapter"]).base_model for a in resolved}
-            base = bases.pop() if len(bases) == 1 else self._default_base
-            if bases:
+            rows = [catalog.get_adapter(session, pick.adapter) for pick in request.adapters]
+            resolved = [{"adapter": row.id, "name": row.name, "weight": float(pick.weight)}
+                        for row, pick in zip(rows, request.adapters)]
+            bases = {row.base_model for row in rows}
+            if len(bases) > 1:
                 raise ValueError("the chosen adapters were trained on different base models; pick one base")
+            base = bases.pop() if bases else self._default_base
             payload = {"request": asdict(request) | {"adapters": resolved}, "base_model": base}
             title = f"generate: {request.prompt[:40]}"
             row = jobs.enqueue(session, "generate", payload, title=title, priority=priority)
