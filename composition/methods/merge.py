@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from composition.base import COMPOSERS, Composer, ComposerConfig, StepContext
+from torch import Tensor
+
+from composition.base import COMPOSERS, Composer, ComposerConfig, StepContext, UNetFn
+from composition.routing import evaluate_groups
 
 
 @dataclass
@@ -19,6 +22,11 @@ class MergeConfig(ComposerConfig):
         default=False,
         metadata={"help": "Divide the weights by the sum of their absolute values, so they add up to 1 "
                           "(a weighted average instead of the reference's plain sum)"},
+    )
+    routed: bool = field(
+        default=True,
+        metadata={"help": "Run the UNet with the mix folded into the weights through per-sample routing "
+                          "(base-model speed); off = peft's unfused LoRA forward with set_adapters"},
     )
 
 
@@ -39,3 +47,7 @@ class MergeComposer(Composer):
 
     def setup(self, ctx: StepContext) -> None:
         ctx.activate(self.merged_weights(ctx.weights))
+
+    def predict_noise(self, ctx: StepContext, unet_fn: UNetFn) -> Tensor:
+        (pred,) = evaluate_groups(ctx, unet_fn, [self.merged_weights(ctx.weights)], batched=self.config.routed)
+        return ctx.guide(pred)

@@ -69,8 +69,10 @@ def test_cancel_restores_base_model(lora_pipe, lora_adapters) -> None:
 
 def test_merge_config_is_self_describing() -> None:
     assert COMPOSERS.get("merge").config_cls is MergeConfig
-    (field,) = MergeConfig.describe()
-    assert field["name"] == "normalize" and field["default"] is False and "sum" in field["help"]
+    fields = {f["name"]: f for f in MergeConfig.describe()}
+    assert set(fields) == {"normalize", "routed"}
+    assert fields["normalize"]["default"] is False and "sum" in fields["normalize"]["help"]
+    assert fields["routed"]["default"] is True and "routing" in fields["routed"]["help"]
     assert MergeComposer.from_settings({"normalize": "yes"}).config.normalize is True
     with pytest.raises(ValueError, match="unknown setting"):
         MergeComposer.from_settings({"tau": 5})
