@@ -55,10 +55,6 @@ class JobService:
         with writing(self._sessions) as session:
             jobs.request_sample(session, job_id)
 
-    def notify(self) -> None:
-        """Tell an in-process worker that a job was queued."""
-        self._wake()
-
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.25, on_update=None) -> JobInfo:
         """Block until the job finishes (or ``timeout``), calling ``on_update(job)`` on each poll."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -110,13 +110,7 @@ class ModelRuntime:
                 oldest = next(a for a in self._adapters if a not in wanted)
                 pipe.delete_adapters(oldest)
                 del self._adapters[oldest]
-            return PeftAdapterSet(pipe, [a[0] for a in adapters]) if adapters else PeftAdapterSet(pipe, [])
-
-    def forget_adapter(self, adapter_id: str) -> None:
-        with self.lock:
-            if adapter_id in self._adapters and self._pipe is not None:
-                self._pipe.delete_adapters(adapter_id)
-                del self._adapters[adapter_id]
+            return PeftAdapterSet(pipe, [a[0] for a in adapters])
 
     def release(self) -> None:
         with self.lock:
