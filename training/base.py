@@ -170,8 +170,35 @@ class Method(ABC):
     def validate_tensors(cls, pipe: Any, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
         """Raise ``ValueError`` if ``tensors`` do not fit ``pipe``'s base model; never apply part of a file."""
 
+    @classmethod
+    def export_lora(cls, tensors: Mapping[str, torch.Tensor],
+                    metadata: Mapping[str, str]) -> dict[str, LoRAFactors]:
+        """The adapter as plain low-rank updates, one per UNet module path (for kohya/diffusers export).
+
+        Methods whose update is not a fixed low-rank ``ΔW`` raise ``ValueError`` saying so.
+        """
+        raise ValueError(f"{cls.__name__} adapters are not plain low-rank updates and cannot be exported as LoRA")
+
 
 METHODS: Registry[Method] = Registry("method")
+
+
+@dataclass(frozen=True)
+class LoRAFactors:
+    """One layer's update ``ΔW = scale · up @ down``: ``down`` is r×d_in (peft ``lora_A``), ``up`` d_out×r."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def alpha(self) -> float:
+        """kohya's ``alpha``: the value with ``alpha / rank == scale``."""
+        return self.scale * self.rank
 
 
 @runtime_checkable

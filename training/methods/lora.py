@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.base import METHODS, Method, MethodConfig, PeftAttachedAdapter, remove_peft_adapter
+from training.base import METHODS, LoRAFactors, Method, MethodConfig, PeftAttachedAdapter, remove_peft_adapter
 
 TRAIN_ADAPTER = "lorastudio_train"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers reads LoraConfig kwargs from this header entry
@@ -223,3 +223,16 @@ class LoRA(Method):
         pipe.unet.load_lora_adapter(dict(tensors), prefix="unet", adapter_name=name, metadata=lora_metadata,
                                     _pipeline=pipe)
         return PeftAttachedAdapter(pipe, name)
+
+    @classmethod
+    def export_lora(cls, tensors: Mapping[str, torch.Tensor],
+                    metadata: Mapping[str, str]) -> dict[str, LoRAFactors]:
+        pairs, problems = _parse_tensors(tensors)
+        incomplete = sorted(path for path, pair in pairs.items() if set(pair) != {"A", "B"})
+        if problems or incomplete:
+            raise ValueError(f"not a complete LoRA file: {'; '.join(problems + incomplete)[:500]}")
+        out = {}
+        for path, pair in sorted(pairs.items()):
+            rank = pair["A"].shape[0]
+            out[path] = LoRAFactors(pair["A"], pair["B"], _alpha_from(metadata, rank) / rank)
+        return out
