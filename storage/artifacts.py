@@ -333,6 +333,12 @@ class ArtifactStore:
             )
             dataset_ids = self._existing(session, DatasetRow, [manifest.get("dataset_id")])
             job_ids = self._existing(session, JobRow, [manifest.get("job_id")])
+            if manifest.get("job_id") in job_ids:
+                status = session.scalar(select(JobRow.status).where(JobRow.id == manifest["job_id"]))
+                if status != "succeeded":
+                    report.skipped.append(f"{rel}: left by job {manifest['job_id']} whose save did not finish "
+                                          f"(job is {status}); its rerun replaces it")
+                    continue
             try:
                 with session.begin_nested():
                     catalog.add_adapter(

@@ -129,6 +129,7 @@ class Method(ABC):
 
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     registry_name: ClassVar[str]
+    uses_rank: ClassVar[bool] = True  # False: the ``rank`` setting means nothing to this method (forms hide it)
 
     def __init__(self, config: MethodConfig) -> None:
         if not isinstance(config, self.config_cls):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.storage.conftest import PG_ADMIN_URL, PostgresUnavailable, create_pg_database, drop_pg_database
+from tests.pg import admin_url
+from tests.storage.conftest import PostgresUnavailable, create_pg_database, drop_pg_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -17,10 +18,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'queue.db'}"
         return
     try:
-        url = create_pg_database(PG_ADMIN_URL)
+        url = create_pg_database(admin_url())
     except PostgresUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
         yield url
     finally:
-        drop_pg_database(PG_ADMIN_URL, url)
+        drop_pg_database(admin_url(), url)

@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from core.io import sha256_file
 from services import training as training_service
 from services.container import build_device_workers, build_services
 from services.settings import Settings
@@ -251,3 +254,36 @@ def test_worker_that_lost_its_lease_stops_and_leaves_the_job_alone(services, ima
     assert seen == ["LeaseLost"]
     after = services.jobs.get(job.id)
     assert after.status == "running" and after.worker_id == "rescuer" and after.result_ref is None
+
+
+def test_crash_between_artifact_write_and_catalog_record_leaves_no_orphan(services, image_dir) -> None:
+    """A worker that dies after writing an adapter's files but before committing its row: the files stay invisible
+    (gallery, reindex) and the job's rerun replaces them, so the catalog ends with exactly one adapter."""
+    import torch
+
+    from storage.artifacts import ArtifactStore
+    from storage.db import utcnow, writing
+
+    job = _submit(services, image_dir, "crashy", max_steps=2)
+    assert jobs.claim_job(services.sessions, job.id, "doomed") is not None
+    store = ArtifactStore(services.settings.artifacts_dir)
+    adapter_id = uuid.uuid5(training_service._ADAPTER_IDS, job.id).hex  # the id the job's save writes
+    store.write_adapter(adapter_id, {"unet.x.lora_A.weight": torch.ones(1, 2)}, {"format": "pt"}, {},
+                        {"name": "crashy", "method": "lora", "kind": "subject", "base_model": "builtin:tiny-sd",
+                         "job_id": job.id})
+
+    assert services.catalog.list_adapters() == []
+    report = services.catalog.reindex()
+    assert report["adapters"] == [] and any(job.id in line for line in report["skipped"])
+
+    with writing(services.sessions) as session:  # the dead worker's lease runs out
+        assert jobs.recover_stale(session, lease_seconds=1, now=utcnow() + timedelta(seconds=60)) == [job.id]
+    assert services.worker.run_once(job.id)
+    done = services.jobs.get(job.id)
+    assert done.status == "succeeded" and done.result_ref == adapter_id
+    [adapter] = services.catalog.list_adapters()
+    assert adapter.id == adapter_id and adapter.steps == 2
+    assert sha256_file(services.settings.artifacts_dir / adapter.file_path) == adapter.sha256
+    folders = [p.name for p in (services.settings.artifacts_dir / "adapters").iterdir()]
+    assert folders == [adapter_id]
+    assert services.catalog.reindex() == {"adapters": [], "images": [], "skipped": []}

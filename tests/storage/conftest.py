@@ -1,12 +1,12 @@
 """Storage fixtures: a fresh SQLite file per test, and a throwaway PostgreSQL database per session.
 
-PostgreSQL tests are marked ``postgres``. When the server is down they fail with a message saying so; deselect
-them with ``-m 'not postgres'``. ``LORASTUDIO_TEST_PG_URL`` points them at another server (an admin URL).
+PostgreSQL tests are marked ``postgres``. They use the server of ``tests.pg`` (``LORASTUDIO_TEST_PG_URL``, else
+127.0.0.1:5432, else a private server the setup starts); when none can be had they fail with a message saying so;
+deselect them with ``-m 'not postgres'``.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -20,8 +20,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import Base, make_engine, make_session_factory, upgrade_database
-
-PG_ADMIN_URL = os.environ.get("LORASTUDIO_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from tests.pg import admin_url
 
 
 class PostgresUnavailable(RuntimeError):
@@ -66,7 +65,7 @@ def drop_pg_database(admin_url: str, url: str) -> None:
 def pg_url() -> Iterator[str]:
     problem = None
     try:
-        url = create_pg_database(PG_ADMIN_URL)
+        url = create_pg_database(admin_url())
     except PostgresUnavailable as exc:
         problem = str(exc)
     if problem:
@@ -74,7 +73,7 @@ def pg_url() -> Iterator[str]:
     try:
         yield url
     finally:
-        drop_pg_database(PG_ADMIN_URL, url)
+        drop_pg_database(admin_url(), url)
 
 
 @pytest.fixture(scope="session")
