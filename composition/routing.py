@@ -107,6 +107,8 @@ class LoraRouter:
             for name in names & set(layer.lora_A):
                 if name in layer.lora_variant or layer.use_dora.get(name, False):
                     return f"adapter {name!r} uses a LoRA variant (DoRA/...) at {path}"
+                if getattr(layer.lora_A[name], "_lorastudio_timestep_mask", False):  # set by T-LoRA's attach
+                    return f"adapter {name!r} has a timestep-dependent rank mask (T-LoRA); routing does not support it"
                 found.add(name)
         missing = sorted(names - found)
         if missing:
