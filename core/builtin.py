@@ -4,6 +4,12 @@ No weights can be downloaded, so the project creates its own: a UNet2DConditionM
 CLIPTextModel and a CLIPTokenizer whose BPE vocabulary is trained here on the words of the project's world.
 It is built once, seeded, and saved in diffusers format; every later load goes through ``from_pretrained``
 like any other local model. Until a trained world model ships, its images are untrained noise patterns.
+
+Two more tiny architectures exist for tests only (never saved): ``sd2`` mirrors Stable Diffusion 2.x (linear
+projections in the transformer blocks, per-block head counts, v-prediction, a GELU text encoder like OpenCLIP) and
+``sdxl`` mirrors SDXL (two text encoders whose hidden states are concatenated, pooled text and size/crop
+conditioning through ``addition_embed_type="text_time"``, several transformer layers per block). Their widths differ
+from ``sd1``'s, as the real models' do, so an adapter trained on one never fits another.
 """
 
 from __future__ import annotations
@@ -64,6 +70,33 @@ TEXT_CONFIG = {
     "max_position_embeddings": 77,
     "projection_dim": 64,
 }
+ARCHITECTURES = ("sd1", "sd2", "sdxl")
+SD2_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "cross_attention_dim": 32,
+    "attention_head_dim": (2, 4, 4),  # diffusers' name for the number of heads per block, as in SD 2.x configs
+    "use_linear_projection": True,
+}
+SD2_TEXT_CONFIG = {**TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
+                   "hidden_act": "gelu"}
+SDXL_TIME_EMBED_DIM = 8
+SDXL_TEXT_CONFIG = {**TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
+                    "hidden_act": "quick_gelu"}  # the CLIP ViT-L encoder
+SDXL_TEXT_2_CONFIG = {**TEXT_CONFIG, "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64,
+                      "hidden_act": "gelu"}  # the OpenCLIP bigG encoder, with its text projection
+SDXL_UNET_CONFIG = {
+    **UNET_CONFIG,
+    "block_out_channels": (32, 64, 96),
+    "cross_attention_dim": SDXL_TEXT_CONFIG["hidden_size"] + SDXL_TEXT_2_CONFIG["hidden_size"],
+    "attention_head_dim": (2, 4, 6),
+    "use_linear_projection": True,
+    "transformer_layers_per_block": (1, 1, 2),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+    # six size/crop numbers, each embedded to SDXL_TIME_EMBED_DIM, then the pooled text embedding
+    "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_TEXT_2_CONFIG["projection_dim"],
+}
+SDXL_VAE_CONFIG = {**VAE_CONFIG, "scaling_factor": 0.13025}
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -71,6 +104,9 @@ SCHEDULER_CONFIG = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
+SD2_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction", "clip_sample": False,
+                        "steps_offset": 1, "timestep_spacing": "leading"}
+SDXL_SCHEDULER_CONFIG = {**SCHEDULER_CONFIG, "timestep_spacing": "leading", "steps_offset": 1}
 
 
 def is_builtin(ref: str) -> bool:
@@ -143,45 +179,82 @@ def build_tokenizer(words: tuple[str, ...] = tuple(WORLD_WORDS)):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_CONFIG["max_position_embeddings"])
 
 
-def build_pipeline(seed: int = 0):
-    """Construct the tiny pipeline in memory, deterministically from ``seed``."""
+def build_pipeline(seed: int = 0, arch: str = "sd1"):
+    """Construct a tiny pipeline of architecture ``arch`` (sd1, sd2, sdxl) in memory, deterministically from ``seed``.
+
+    Only ``sd1`` is the built-in default model; the others exist to test code on every architecture.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(ARCHITECTURES)}")
+    import torch
+
     tokenizer = build_tokenizer()
     with _BUILD_LOCK:
-        return _build_pipeline_locked(seed, tokenizer)
+        generator_state = torch.random.get_rng_state()
+        try:
+            if arch == "sdxl":
+                return _build_sdxl(seed, tokenizer)
+            text_config = SD2_TEXT_CONFIG if arch == "sd2" else TEXT_CONFIG
+            unet_config = SD2_UNET_CONFIG if arch == "sd2" else UNET_CONFIG
+            scheduler_config = SD2_SCHEDULER_CONFIG if arch == "sd2" else SCHEDULER_CONFIG
+            return _build_sd(seed, tokenizer, unet_config, text_config, scheduler_config)
+        finally:
+            torch.random.set_rng_state(generator_state)
 
 
-def _build_pipeline_locked(seed: int, tokenizer):
+def _text_encoder(cls, seed: int, tokenizer, config: dict):
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        torch.manual_seed(seed + 2)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **TEXT_CONFIG,
-        )
-        text_encoder = CLIPTextModel(text_config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    torch.manual_seed(seed)
+    return cls(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config))
+
+
+def _unet_and_vae(seed: int, unet_config: dict, vae_config: dict):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config)
+    torch.manual_seed(seed + 1)
+    return unet, AutoencoderKL(**vae_config)
+
+
+def _build_sd(seed: int, tokenizer, unet_config: dict, text_config: dict, scheduler_config: dict):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    unet, vae = _unet_and_vae(seed, unet_config, VAE_CONFIG)
+    text_encoder = _text_encoder(CLIPTextModel, seed + 2, tokenizer, text_config)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=DDPMScheduler(**scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(seed: int, tokenizer):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet, vae = _unet_and_vae(seed, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG)
+    text_encoder = _text_encoder(CLIPTextModel, seed + 2, tokenizer, SDXL_TEXT_CONFIG)
+    text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, seed + 3, tokenizer, SDXL_TEXT_2_CONFIG)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        add_watermarker=False,
     )
 
 

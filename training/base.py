@@ -68,6 +68,21 @@ class MethodConfig(BaseConfig):
         "min": 0.0, "max": 1.0, "advanced": True})
     preview_steps: int = field(default=10, metadata={
         "help": "Denoising steps of each preview image", "min": 1, "max": 200, "advanced": True})
+    prior_preservation: bool = field(default=False, metadata={
+        "help": "DreamBooth class-prior preservation (subjects only): also train on images the base model makes for "
+                "the class prompt, so the subject does not take over its whole class"})
+    class_prompt: str = field(default="", metadata={
+        "help": "The subject's class in a prompt without the trigger word, e.g. 'a photo of a dog'; required with "
+                "prior preservation"})
+    num_class_images: int = field(default=8, metadata={
+        "help": "How many class images the base model generates once before training (prior preservation)",
+        "min": 1, "max": 10_000, "advanced": True})
+    prior_loss_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the class images' loss next to the subject's (prior preservation)", "min": 0.0,
+        "max": 100.0, "advanced": True})
+    class_image_steps: int = field(default=25, metadata={
+        "help": "Denoising steps of each generated class image (prior preservation)", "min": 1, "max": 200,
+        "advanced": True})
 
     @property
     def effective_alpha(self) -> float:
@@ -79,6 +94,8 @@ class MethodConfig(BaseConfig):
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        if self.prior_preservation and not self.class_prompt.strip():
+            raise ValueError("class_prompt is required with prior_preservation, e.g. 'a photo of a dog'")
 
 
 @runtime_checkable

@@ -2,15 +2,26 @@
 
 Standard denoising objective (Ho et al., 2020): noise a latent to a random timestep with the DDPM schedule of the
 pipeline's scheduler config and regress the UNet's output on the noise (or the velocity, for v-prediction) with
-MSE. Only the method's parameters train; the VAE and text encoder run once per image and prompt before the loop
+MSE. Only the method's parameters train; the VAE and text encoder(s) run once per image and prompt before the loop
 (latents and embeddings are cached) and then leave the device. Resumable checkpoints hold everything the loop
 needs to continue bit-for-bit: adapter parameters, optimizer and LR-schedule state, RNG states, data position.
+
+Architectures: SD 1.x and 2.x (epsilon or v-prediction, from the scheduler config) and SDXL, whose UNet also takes
+the pooled text embedding of its second text encoder and the size/crop conditioning (Podell et al., 2023,
+https://arxiv.org/abs/2307.01952, §2.2); training images are square crops, so original size = target size =
+the resolution and the crop corner is (0, 0).
+
+Optional DreamBooth class-prior preservation (Ruiz et al., 2023, https://arxiv.org/abs/2208.12242): every step
+adds a batch of the base model's own class images under the class prompt (see ``training.prior``), and the loss
+is ``mse(subject) + prior_loss_weight · mse(class)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -18,7 +29,7 @@ import re
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +42,7 @@ from torch import nn
 from core.io import atomic_write_json, load_safetensors, save_safetensors
 from training.base import JobCancelled, Method, MethodConfig, NullCallback, TrainerCallback, TrainResult
 from training.data import ImageCaptionDataset, build_prompt, to_tensor
+from training.prior import cached_class_images, images_digest
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -41,6 +53,9 @@ _RESUME_FREE = {"max_steps", "checkpoint_every", "preview_every", "preview_promp
 _ENCODE_BATCH = 8
 SMALL_UNET_PARAMS = 20_000_000
 _ACCELERATE_ATTRS = ("forward", "_original_forward", "_is_accelerate_prepared")  # set on the UNet by prepare()
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_SDXL_TIME_IDS = 6  # original height and width, crop top and left, target height and width
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dirs(work_dir: str | os.PathLike[str]) -> list[Path]:
@@ -79,6 +94,26 @@ def _make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimi
         return torch.optim.AdamW(params, lr=lr, foreach=True)
 
 
+def _text_encoders(pipe: Any) -> dict[str, nn.Module]:
+    """The pipeline's text encoders by attribute name: one for SD 1.x/2.x, two for SDXL."""
+    return {name: m for name in _TEXT_ENCODERS if isinstance(m := getattr(pipe, name, None), nn.Module)}
+
+
+def uses_text_time(unet: nn.Module) -> bool:
+    """True for SDXL-style UNets, which also take pooled text embeddings and size/crop ids."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def _config_defaults(cls: type[MethodConfig]) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
@@ -110,6 +145,9 @@ class Trainer:
         if dataset.resolution != config.resolution:
             raise ValueError(f"dataset resolution {dataset.resolution} differs from config resolution "
                              f"{config.resolution}")
+        if config.prior_preservation and kind != "subject":
+            raise ValueError(f"prior_preservation only applies to subjects (kind 'subject'), not kind {kind!r}; "
+                             "turn it off")
         self.method = method
         self.pipe = pipe
         self.dataset = dataset
@@ -139,7 +177,7 @@ class Trainer:
     def _pipeline_borrowed(self) -> Iterator[None]:
         """Freeze the pipeline for training and put back everything touched, whatever happens."""
         pipe = self.pipe
-        models = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+        models = {"unet": pipe.unet, "vae": pipe.vae, **_text_encoders(pipe)}
         grad_flags = {id(p): (p, p.requires_grad) for m in models.values() for p in m.parameters()}
         modes = {name: m.training for name, m in models.items()}
         devices = {name: next(m.parameters()).device for name, m in models.items()}
@@ -189,7 +227,9 @@ class Trainer:
         unet = self.pipe.unet
         self.accelerator = make_accelerator(cfg.mixed_precision)
         self.device = self.accelerator.device
-        self._cache_inputs()
+        self.class_digest: str | None = None
+        images = self._class_images() if cfg.prior_preservation else None
+        self._cache_inputs(images)
         params = self.method.inject(unet)
         if not params:
             raise ValueError(f"{type(self.method).__name__}.inject returned no trainable parameters")
@@ -219,32 +259,89 @@ class Trainer:
         self.sqrt_alpha = alphas.sqrt()
         self.sqrt_one_minus_alpha = (1.0 - alphas).sqrt()
 
+    def _class_images(self) -> list[Image.Image]:
+        """The base model's class images (generated before the adapter exists, or read from the work folder)."""
+        cfg, pipe = self.config, self.pipe
+        for m in (pipe.unet, pipe.vae, *_text_encoders(pipe).values()):
+            m.to(self.device)
+
+        def progress(done: int, total: int) -> None:
+            log.info("prior preservation: class image %d of %d", done, total)
+            if self.callback.should_stop():
+                raise JobCancelled(f"training stopped while generating class image {done} of {total}")
+
+        images = cached_class_images(pipe, cfg.class_prompt.strip(), cfg.num_class_images, cfg.seed,
+                                     cfg.resolution, cfg.class_image_steps, self.work_dir, progress)
+        self.class_digest = images_digest(images)
+        return images
+
     @torch.no_grad()
-    def _cache_inputs(self) -> None:
-        """Encode every image (and its mirror image when flipping) and every distinct prompt once."""
-        pipe, device = self.pipe, self.device
-        vae, text_encoder = pipe.vae.to(device), pipe.text_encoder.to(device)
+    def _encode_images(self, count: int, image_at: Callable[[int], Image.Image]) -> torch.Tensor:
+        """Scaled VAE latents ``(variants, count, C, h, w)``; variant 1 is the mirror image (when flipping)."""
+        vae = self.pipe.vae
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         variants = [False, True] if self.config.flip else [False]
         latents: list[list[torch.Tensor]] = [[] for _ in variants]
-        for start in range(0, len(self.dataset), _ENCODE_BATCH):
-            stop = min(start + _ENCODE_BATCH, len(self.dataset))
-            pixels = torch.stack([to_tensor(self.dataset.image(i)) for i in range(start, stop)])
-            pixels = pixels.to(device, vae.dtype)
+        for start in range(0, count, _ENCODE_BATCH):
+            stop = min(start + _ENCODE_BATCH, count)
+            pixels = torch.stack([to_tensor(image_at(i)) for i in range(start, stop)])
+            pixels = pixels.to(self.device, vae.dtype)
             for out, flipped in zip(latents, variants):
                 out.append(vae.encode(pixels.flip(-1) if flipped else pixels).latent_dist.mean)
-        self.latents = ((torch.stack([torch.cat(v) for v in latents]) - shift) * scaling).to(pipe.unet.dtype)
-        # self.latents: (variants, N, C, h, w); variant 1 is the mirror image
+        return ((torch.stack([torch.cat(v) for v in latents]) - shift) * scaling).to(self.pipe.unet.dtype)
+
+    @torch.no_grad()
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings ``(P, L, D)`` and, for SDXL, pooled embeddings ``(P, D2)`` (else None)."""
+        embeds, pooled = [], []
+        for i in range(0, len(prompts), _ENCODE_BATCH):
+            out = self.pipe.encode_prompt(prompt=prompts[i:i + _ENCODE_BATCH], device=self.device,
+                                          num_images_per_prompt=1, do_classifier_free_guidance=False)
+            embeds.append(out[0])
+            if len(out) == 4:  # SDXL: (embeds, negative embeds, pooled, negative pooled)
+                pooled.append(out[2])
+        dtype = self.pipe.unet.dtype
+        return (torch.cat(embeds).to(dtype).contiguous(),
+                torch.cat(pooled).to(dtype).contiguous() if pooled else None)
+
+    def _time_ids(self, pooled: torch.Tensor | None) -> torch.Tensor | None:
+        """SDXL's size/crop conditioning of a square crop, one row ``(1, 6)``; None for other UNets."""
+        unet = self.pipe.unet
+        if not uses_text_time(unet):
+            return None
+        if pooled is None:
+            raise ValueError(f"the UNet takes pooled text embeddings (addition_embed_type 'text_time') but "
+                             f"{type(self.pipe).__name__}.encode_prompt gives none; load it as an SDXL pipeline")
+        expected = unet.add_embedding.linear_1.in_features
+        got = unet.config.addition_time_embed_dim * _SDXL_TIME_IDS + pooled.shape[-1]
+        if expected != got:
+            raise ValueError(f"the UNet's added embedding takes {expected} values but SDXL size/crop ids and pooled "
+                             f"text give {got}; only SDXL base UNets (not the refiner) are supported")
+        res = self.config.resolution
+        return torch.tensor([[res, res, 0, 0, res, res]], device=self.device, dtype=unet.dtype)
+
+    @torch.no_grad()
+    def _cache_inputs(self, class_images: list[Image.Image] | None = None) -> None:
+        """Encode every image (and its mirror image when flipping), every distinct prompt and any class images."""
+        pipe, device = self.pipe, self.device
+        pipe.vae.to(device)
+        encoders = _text_encoders(pipe)
+        for m in encoders.values():
+            m.to(device)
+        self.latents = self._encode_images(len(self.dataset), self.dataset.image)
         position = {p: i for i, p in enumerate(dict.fromkeys(self.prompts))}
-        distinct = list(position)
-        embeds = [pipe.encode_prompt(distinct[i:i + _ENCODE_BATCH], device, 1, False)[0]
-                  for i in range(0, len(distinct), _ENCODE_BATCH)]
-        self.embeddings = torch.cat(embeds).to(pipe.unet.dtype).contiguous()
+        self.embeddings, self.pooled = self._encode_prompts(list(position))
         self.prompt_index = torch.tensor([position[p] for p in self.prompts], device=device)
+        self.time_ids = self._time_ids(self.pooled)
+        self.class_latents = self.class_embedding = self.class_pooled = None
+        if class_images is not None:
+            self.class_latents = self._encode_images(len(class_images), class_images.__getitem__)
+            self.class_embedding, self.class_pooled = self._encode_prompts([self.config.class_prompt.strip()])
         if device.type != "cpu":
-            vae.to("cpu")
-            text_encoder.to("cpu")
+            pipe.vae.to("cpu")
+            for m in encoders.values():
+                m.to("cpu")
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------------ data --
@@ -275,31 +372,67 @@ class Trainer:
             u = u.pow(4.0 ** (-self.config.timestep_bias))
         return (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
 
-    def _train_step(self) -> float:
+    def _draw(self, latents: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pick ``latents[variant, index]`` (a random mirror image when flipping), timesteps and noise."""
         cfg, device = self.config, self.device
-        index = torch.tensor(self._next_indices())
         batch = len(index)
         variant = (torch.rand(batch, generator=self.noise_gen) < 0.5).long() if cfg.flip else torch.zeros_like(index)
         timesteps = self._sample_timesteps(batch)
-        latents = self.latents[variant.to(device), index.to(device)]
-        noise = torch.randn(latents.shape, generator=self.noise_gen, dtype=torch.float32)
+        picked = latents[variant.to(device), index.to(device)]
+        noise = torch.randn(picked.shape, generator=self.noise_gen, dtype=torch.float32)
         if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn(batch, latents.shape[1], 1, 1, generator=self.noise_gen)
-        noise = noise.to(device, latents.dtype)
-        timesteps = timesteps.to(device)
+            noise += cfg.noise_offset * torch.randn(batch, picked.shape[1], 1, 1, generator=self.noise_gen)
+        return picked, timesteps.to(device), noise.to(device, picked.dtype)
+
+    def _noisy_and_target(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
         b = self.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
         noisy = (a * latents + b * noise).to(latents.dtype)
         if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = a * noise - b * latents
-        else:
-            target = latents
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, a * noise - b * latents
+        return noisy, latents
+
+    def _batch(self) -> tuple[torch.Tensor, ...]:
+        """Latents, timesteps, noise, text embeddings and pooled embeddings (or None) of this step's UNet call.
+
+        With prior preservation the subject batch is followed by as many class samples, drawn after it from the
+        same generator.
+        """
+        index = torch.tensor(self._next_indices())
+        latents, timesteps, noise = self._draw(self.latents, index)
+        rows = self.prompt_index[index.to(self.device)]
+        embeds = self.embeddings[rows]
+        pooled = self.pooled[rows] if self.pooled is not None else None
+        if self.class_latents is not None:
+            count = self.class_latents.shape[1]
+            class_index = torch.randint(count, (len(index),), generator=self.noise_gen)
+            c_latents, c_timesteps, c_noise = self._draw(self.class_latents, class_index)
+            latents, timesteps = torch.cat([latents, c_latents]), torch.cat([timesteps, c_timesteps])
+            noise = torch.cat([noise, c_noise])
+            embeds = torch.cat([embeds, self.class_embedding.expand(len(index), -1, -1)])
+            if pooled is not None:
+                pooled = torch.cat([pooled, self.class_pooled.expand(len(index), -1)])
+        return latents, timesteps, noise, embeds, pooled
+
+    def _train_step(self) -> float:
+        cfg = self.config
+        latents, timesteps, noise, embeds, pooled = self._batch()
+        noisy, target = self._noisy_and_target(latents, timesteps, noise)
+        kwargs: dict[str, Any] = {}
+        if self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": self.time_ids.expand(len(noisy), -1)}
         self.method.on_timesteps(timesteps)
-        embeds = self.embeddings[self.prompt_index[index.to(device)]]
-        pred = self.unet(noisy, timesteps, embeds, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target.float())
+        pred = self.unet(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
+        if self.class_latents is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:
+            pred_subject, pred_class = pred.float().chunk(2)
+            target_subject, target_class = target.float().chunk(2)
+            loss = F.mse_loss(pred_subject, target_subject) + cfg.prior_loss_weight * F.mse_loss(pred_class,
+                                                                                                  target_class)
         self.accelerator.backward(loss)
         if cfg.max_grad_norm > 0:
             if self.accelerator.scaler is not None:
@@ -377,8 +510,10 @@ class Trainer:
         """A short fixed-seed sample with the adapter active, handed to ``callback.on_preview``."""
         pipe, unet, device = self.pipe, self.pipe.unet, self.device
         unet.eval()
+        encoders = _text_encoders(pipe).values()
         pipe.vae.to(device)
-        pipe.text_encoder.to(device)
+        for m in encoders:
+            m.to(device)
         try:
             generator = torch.Generator().manual_seed(self.config.seed)
             with torch.inference_mode():
@@ -388,7 +523,8 @@ class Trainer:
         finally:
             if device.type != "cpu":
                 pipe.vae.to("cpu")
-                pipe.text_encoder.to("cpu")
+                for m in encoders:
+                    m.to("cpu")
             unet.train()
         self.callback.on_preview(self.step, image)
         return image
@@ -427,6 +563,7 @@ class Trainer:
             "dataset_size": len(self.dataset),
             "prompts": self.prompts,
             "losses": self.losses,
+            "class_images": self.class_digest,
             "data": {"epoch": self.epoch, "offset": self.offset},
             "optimizer": {"param_groups": _json_safe(opt_state["param_groups"]), "scalars": _json_safe(scalars)},
             "lr_scheduler": _json_safe(self.lr_scheduler.state_dict()),
@@ -456,13 +593,17 @@ class Trainer:
         method_name = getattr(self.method, "registry_name", type(self.method).__name__)
         if info["method"] != method_name:
             raise ValueError(f"{path}: checkpoint of method {info['method']!r}, not {method_name!r}")
-        saved, current = info["config"], self.config.to_dict()
+        # settings added since the checkpoint was written count as their defaults
+        saved, current = {**_config_defaults(type(self.config)), **info["config"]}, self.config.to_dict()
         changed = sorted(k for k in set(saved) | set(current)
                          if k not in _RESUME_FREE and saved.get(k) != current.get(k))
         if changed:
             raise ValueError(f"{path}: cannot resume with changed settings: {', '.join(changed)}")
         if info["dataset_size"] != len(self.dataset) or info["prompts"] != self.prompts:
             raise ValueError(f"{path}: the dataset (images or captions) differs from the checkpoint's")
+        if info.get("class_images") != self.class_digest:
+            raise ValueError(f"{path}: the class images for prior preservation differ from the checkpoint's (the base "
+                             "model changed or they were regenerated on other hardware); start the training over")
         if info["step"] > self.config.max_steps:
             raise ValueError(f"{path}: checkpoint is at step {info['step']}, beyond max_steps {self.config.max_steps}")
         n_params = sum(1 for k in tensors if k.startswith("param."))
