@@ -12,13 +12,14 @@ from core.types import DatasetInfo, GenerationRequest, JobInfo
 from services.catalog import CatalogService
 from services.datasets import DatasetService
 from services.generation import GenerationService
+from services.interchange import InterchangeService
 from services.jobs import JobService
 from services.runtime import ModelRuntime
 from services.settings import Settings
 from services.training import TrainingService
 from services.worker import Worker, default_worker_id
-from storage.artifacts import ArtifactStore
 from storage.db import open_database
+from storage.remote import make_artifact_store
 
 # Temp files younger than this may belong to a write in progress in another process (a worker on this data dir).
 ORPHAN_MIN_AGE_S = 15 * 60
@@ -36,6 +37,7 @@ class Services:
     catalog: CatalogService
     jobs: JobService
     worker: Worker
+    interchange: InterchangeService
 
     def submit_training(self, **kwargs) -> JobInfo:
         job = self.training.submit(**kwargs)
@@ -63,7 +65,7 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
     """Open the database (migrating it), the artifact store and the model runtime; nothing starts running."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine, sessions = open_database(settings.database_url)
-    store = ArtifactStore(settings.artifacts_dir)
+    store = make_artifact_store(settings.artifacts_dir, settings.artifact_url)
     store.remove_orphans(min_age_s=ORPHAN_MIN_AGE_S)
     runtime = ModelRuntime(settings.models_dir, choose_placement(settings.device, settings.dtype),
                            single_file_config=settings.base_model_config)
@@ -71,6 +73,7 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
     training = TrainingService(sessions, store, runtime, datasets.training_records, settings.base_model)
     generation = GenerationService(sessions, store, runtime, settings.base_model)
     catalog = CatalogService(sessions, store)
+    interchange = InterchangeService(sessions, store, runtime, settings.base_model)
     worker = Worker(
         sessions,
         {"train": training.run_train_job, "generate": generation.run_generate_job},
@@ -80,7 +83,8 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
         poll_seconds=settings.poll_seconds,
     )
     jobs = JobService(sessions, wake_worker=worker.wake)
-    return Services(settings, engine, sessions, runtime, datasets, training, generation, catalog, jobs, worker)
+    return Services(settings, engine, sessions, runtime, datasets, training, generation, catalog, jobs, worker,
+                    interchange)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def build_device_workers(services: Services, devices: list[str], memory_gb: floa
     settings = services.settings
     base_id = worker_id or services.worker.worker_id
     built: list[DeviceWorker] = []
-    store = ArtifactStore(settings.artifacts_dir)
+    store = make_artifact_store(settings.artifacts_dir, settings.artifact_url)
     for index, device in enumerate(devices):
         placement = choose_placement(device, settings.dtype)
         runtime = ModelRuntime(settings.models_dir, placement, single_file_config=settings.base_model_config)

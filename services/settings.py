@@ -16,6 +16,7 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path("lorastudio_data"))
     models_path: Path | None = None  # default: data_dir/models
     db_url: str | None = None  # default: a SQLite file in data_dir
+    artifact_url: str = ""  # fsspec URL shared by every host (s3://..., file://...); empty: artifacts_dir alone
     base_model: str = f"{BUILTIN_PREFIX}{DEFAULT_BUILTIN}"
     base_model_config: str | None = None  # diffusers folder giving the configs of a single-file checkpoint
     device: str = "auto"
@@ -52,8 +53,9 @@ class Settings:
             values["data_dir"] = Path(env[f"{ENV_PREFIX}HOME"]).expanduser()
         if f"{ENV_PREFIX}MODELS" in env:
             values["models_path"] = Path(env[f"{ENV_PREFIX}MODELS"]).expanduser()
-        simple = {"DB_URL": "db_url", "BASE_MODEL": "base_model", "BASE_MODEL_CONFIG": "base_model_config",
-                  "DEVICE": "device", "DTYPE": "dtype", "HOST": "host", "AUTH": "auth", "WORKER_ID": "worker_id"}
+        simple = {"DB_URL": "db_url", "ARTIFACT_URL": "artifact_url", "BASE_MODEL": "base_model",
+                  "BASE_MODEL_CONFIG": "base_model_config", "DEVICE": "device", "DTYPE": "dtype", "HOST": "host",
+                  "AUTH": "auth", "WORKER_ID": "worker_id"}
         for key, attr in simple.items():
             if f"{ENV_PREFIX}{key}" in env:
                 values[attr] = env[f"{ENV_PREFIX}{key}"]

@@ -14,35 +14,44 @@ from sqlalchemy.orm import Session, sessionmaker
 import training.methods  # noqa: F401  (registers every training method)
 from core.io import atomic_write_bytes
 from core.types import CONCEPT_KINDS, JobInfo
+from services import orthogonal_slots
 from services.runtime import ModelRuntime
 from services.worker import JobReporter
 from storage import catalog, jobs
 from storage.artifacts import ArtifactStore
 from storage.db import writing
 from training.artifact import adapter_file_metadata
-from training.base import METHODS, TrainResult
+from training.base import METHODS, JobCancelled, TrainResult
 from training.data import ImageCaptionDataset
+from training.presets import preset_config, preset_for
 from training.trainer import Trainer, latest_checkpoint
 
 _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")
+_ADAPTER_IDS = uuid.UUID("6f1d3c1e-6a53-4c55-9a0e-2f3b9c7d1a42")  # namespace of adapter ids derived from job ids
 
 
 @dataclass(frozen=True)
 class MethodDescription:
     name: str
     summary: str
-    fields: list[dict[str, Any]]
+    fields: list[dict[str, Any]]  # defaults are the preset's values for ``kind``
+    kind: str = "subject"
+    preset: str = ""  # what the preset for ``kind`` sets, in words
+    uses_rank: bool = True
 
 
 def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def describe_method(name: str) -> MethodDescription:
-    """A method's one-line summary and the description of each of its settings (for forms and ``--help``)."""
+def describe_method(name: str, kind: str = "subject") -> MethodDescription:
+    """A method's summary and its settings for ``kind``, defaults taken from the preset (for forms, ``--help``)."""
     cls = METHODS.get(name)
     summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else name
-    return MethodDescription(name, summary, cls.config_cls.describe())
+    preset = preset_for(name, kind)
+    values = preset_config(name, kind)
+    fields = [{**f, "default": values.get(f["name"], f["default"])} for f in cls.config_cls.describe()]
+    return MethodDescription(name, summary, fields, kind, preset.summary, cls.uses_rank)
 
 
 class _JobCallback:
@@ -70,6 +79,7 @@ class _JobCallback:
                                 force=True)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        self._store.publish_checkpoint(path)  # a shared store: other hosts can resume from it from now on
         self._reporter.progress(step, self.total, message=f"checkpoint saved at step {step}", force=True)
 
     def should_stop(self) -> bool:
@@ -101,8 +111,8 @@ class TrainingService:
     def list_methods(self) -> list[str]:
         return list_methods()
 
-    def describe_method(self, name: str) -> MethodDescription:
-        return describe_method(name)
+    def describe_method(self, name: str, kind: str = "subject") -> MethodDescription:
+        return describe_method(name, kind)
 
     # submit ---------------------------------------------------------------------------------------------
     def check(self, *, name: str, method: str = "lora", kind: str = "subject", trigger_word: str = "",
@@ -118,21 +128,34 @@ class TrainingService:
         if kind == "subject" and not trigger_word:
             raise ValueError("a subject needs a trigger word (a rare token such as 'sks') to call it up in prompts")
         method_cls = METHODS.get(method)
-        cfg = method_cls.config_cls.from_dict(config or {})
+        cfg = method_cls.config_cls.from_dict(preset_config(method, kind, config))
+        if kind == "style" and cfg.prior_preservation:
+            raise ValueError("class-prior preservation is for subjects: a style has no class to preserve; "
+                             "turn prior_preservation off")
         base = base_model or self._default_base
-        self._runtime.resolve(base)  # a bad base fails now, not in the worker
+        source = self._runtime.resolve(base)  # a bad base fails now, not in the worker
+        payload = {"name": name, "method": method, "kind": kind, "trigger_word": trigger_word,
+                   "config": cfg.to_dict(), "base_model": base}
         with self._sessions.begin() as session:
             if catalog.find_adapter(session, name) is not None:
                 raise ValueError(f"an adapter named {name!r} already exists; pick another name")
-        return {"name": name, "method": method, "kind": kind, "trigger_word": trigger_word,
-                "config": cfg.to_dict(), "base_model": base}
+            if method == orthogonal_slots.METHOD:  # a free basis slice now; submit picks again under the write lock
+                slots = orthogonal_slots.capacity(source, payload["config"])
+                payload = orthogonal_slots.reserve(session, payload, slots, auto=cfg.basis_slot < 0)
+        return payload
 
     def submit(self, *, dataset_id: str, priority: int = 0, **settings: Any) -> JobInfo:
         """Validate everything up front, then queue the job. Bad settings raise ``ValueError`` naming them."""
         payload = {"dataset_id": dataset_id, **self.check(**settings)}
         name, method = payload["name"], payload["method"]
+        auto_slot = method == orthogonal_slots.METHOD and orthogonal_slots.asked_for_auto_slot(
+            payload["kind"], settings.get("config"))
+        slots = orthogonal_slots.capacity(self._runtime.resolve(payload["base_model"]), payload["config"]) \
+            if auto_slot else None
         with writing(self._sessions) as session:
             catalog.get_dataset(session, dataset_id)
+            if auto_slot:  # the slot check and the enqueue share one write transaction: no two jobs get one slot
+                payload = orthogonal_slots.reserve(session, payload, slots, auto=True)
             row = jobs.enqueue(session, "train", payload, title=f"train {name} ({method})", priority=priority)
             session.flush()
             return jobs.job_info(row)
@@ -146,7 +169,7 @@ class TrainingService:
         pipe = self._runtime.fresh_pipeline(p["base_model"])
         records = self._dataset_records(p["dataset_id"])
         dataset = ImageCaptionDataset(records, cfg.resolution, flip=cfg.flip)
-        work_dir = self._store.job_dir(job.id)
+        work_dir = self._store.job_dir(job.id)  # a shared store brings a newer checkpoint left by another host
         callback = _JobCallback(reporter, self._store, job.id, cfg.max_steps)
         trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"], callback=callback,
                           work_dir=work_dir, kind=p["kind"])
@@ -154,13 +177,25 @@ class TrainingService:
         resume_from = latest_checkpoint(work_dir)
         if resume_from is not None:
             reporter.progress(0, cfg.max_steps, message=f"resuming from checkpoint {resume_from.name}", force=True)
-        result = trainer.run(resume_from=resume_from)
+        try:
+            result = trainer.run(resume_from=resume_from)
+        except JobCancelled:  # the trainer deleted its checkpoints; a shared store's copies go too
+            try:
+                self._store.remove(f"jobs/{job.id}/checkpoints")
+            except OSError:  # the store is unreachable: the job is cancelled all the same
+                pass
+            raise
         del pipe, trainer
         return self._save_adapter(job, result, callback.previews, reporter.worker_id)
 
     def _save_adapter(self, job: JobInfo, result: TrainResult, previews: list[Path], worker_id: str) -> str:
         p = job.payload
-        adapter_id = uuid.uuid4().hex
+        # One adapter id per job: files left by a save that crashed before the catalog row was committed belong
+        # to this job's id and are replaced by the rerun, never kept beside it.
+        adapter_id = uuid.uuid5(_ADAPTER_IDS, job.id).hex
+        with self._sessions() as session:
+            if catalog.find_adapter(session, adapter_id) is None:
+                self._store.remove_adapter(adapter_id)
         base_hash = self._runtime.base_hash(p["base_model"])
         trigger_words = [p["trigger_word"]] if p["trigger_word"] else []
         metadata = adapter_file_metadata(p["method"], result.config, p["base_model"], base_hash, trigger_words,

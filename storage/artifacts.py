@@ -96,7 +96,13 @@ class ArtifactStore:
     # paths ------------------------------------------------------------------------------------------------
 
     def resolve(self, relpath: str | os.PathLike[str]) -> Path:
-        """The absolute path of ``relpath``; ValueError for absolute paths, ``..``, or symlinks leading out."""
+        """The absolute path of ``relpath``; ValueError for absolute paths, ``..``, or symlinks leading out.
+
+        This is how readers reach a file; a mirrored store (``storage.remote``) fetches it here when missing."""
+        return self._path(relpath)
+
+    def _path(self, relpath: str | os.PathLike[str]) -> Path:
+        """:meth:`resolve` without any fetching: the local path, checked to stay inside the store."""
         raw = os.fspath(relpath)
         pure = PurePosixPath(raw.replace("\\", "/"))
         if not raw or "\x00" in raw or pure.is_absolute() or PureWindowsPath(raw).drive or ".." in pure.parts:
@@ -123,23 +129,23 @@ class ArtifactStore:
             raise ValueError(f"position must be >= 0, got {position}")
         _check_png(png_bytes)
         rel = f"datasets/{dataset_id}/{position:04d}.png"
-        return rel, atomic_write_bytes(self.resolve(rel), png_bytes)
+        return rel, atomic_write_bytes(self._path(rel), png_bytes)
 
     def write_dataset_captions(self, dataset_id: str, records: Iterable[Mapping[str, Any]]) -> str:
         """Write ``datasets/<id>/captions.jsonl`` (one JSON object per line); returns its relative path."""
         _check_id(dataset_id, "dataset id")
         rel = f"datasets/{dataset_id}/captions.jsonl"
         lines = [json.dumps(dict(r), ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in records]
-        atomic_write_bytes(self.resolve(rel), "".join(lines).encode("utf-8"))
+        atomic_write_bytes(self._path(rel), "".join(lines).encode("utf-8"))
         return rel
 
     def dataset_dir(self, dataset_id: str) -> Path:
-        return self.resolve(f"datasets/{_check_id(dataset_id, 'dataset id')}")
+        return self._path(f"datasets/{_check_id(dataset_id, 'dataset id')}")
 
     # adapters ---------------------------------------------------------------------------------------------
 
     def adapter_dir(self, adapter_id: str) -> Path:
-        return self.resolve(f"adapters/{_check_id(adapter_id, 'adapter id')}")
+        return self._path(f"adapters/{_check_id(adapter_id, 'adapter id')}")
 
     def write_adapter(
         self,
@@ -190,7 +196,7 @@ class ArtifactStore:
             raise ValueError(f"position must be >= 0, got {position}")
         _check_png(png_bytes)
         rel = f"adapters/{adapter_id}/previews/{position}.png"
-        atomic_write_bytes(self.resolve(rel), png_bytes)
+        atomic_write_bytes(self._path(rel), png_bytes)
         return rel
 
     def remove_adapter(self, adapter_id: str) -> bool:
@@ -211,7 +217,7 @@ class ArtifactStore:
         _check_png(png_bytes)
         when = (created_at or _parse_time(record.get("created_at")) or utcnow()).astimezone(timezone.utc)
         rel = f"images/{when.date().isoformat()}/{image_id}.png"
-        png = self.resolve(rel)
+        png = self._path(rel)
         sha = atomic_write_bytes(png, png_bytes)
         sidecar = {**record, "id": image_id, "path": rel, "sha256": sha, "created_at": when.isoformat()}
         try:
@@ -225,16 +231,19 @@ class ArtifactStore:
 
     def job_dir(self, job_id: str) -> Path:
         """``jobs/<id>/`` with ``checkpoints/`` and ``previews/`` created."""
-        folder = self.resolve(f"jobs/{_check_id(job_id, 'job id')}")
+        folder = self._path(f"jobs/{_check_id(job_id, 'job id')}")
         (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
         (folder / "previews").mkdir(parents=True, exist_ok=True)
         return folder
+
+    def publish_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Share a finished training checkpoint folder with other hosts; nothing to do for a local store."""
 
     # deletion and cleanup ---------------------------------------------------------------------------------
 
     def remove(self, relpath: str) -> bool:
         """Delete a file or folder tree inside the store (e.g. what ``catalog.purge_deleted`` returns)."""
-        path = self.resolve(relpath)
+        path = self._path(relpath)
         if path == self.root:
             raise ValueError("refusing to delete the whole artifact store")
         if path.is_dir() and not path.is_symlink():
@@ -294,6 +303,18 @@ class ArtifactStore:
         self._reindex_images(session, report)
         return report
 
+    def _adapter_folders(self) -> list[Path]:
+        """The adapter folders :meth:`reindex` considers (a mirrored store keeps only those the remote has)."""
+        base = self.root / "adapters"
+        if not base.is_dir():
+            return []
+        return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _image_sidecars(self) -> list[Path]:
+        """The image records (``images/<date>/<id>.json``) :meth:`reindex` considers."""
+        base = self.root / "images"
+        return sorted(base.glob("*/*.json")) if base.is_dir() else []
+
     def _existing(self, session: Session, model: type[Any], ids: Iterable[str | None]) -> set[str]:
         wanted = {i for i in ids if i}
         if not wanted:
@@ -301,11 +322,8 @@ class ArtifactStore:
         return set(session.scalars(select(model.id).where(model.id.in_(wanted))))
 
     def _reindex_adapters(self, session: Session, report: ReindexReport) -> None:
-        base = self.root / "adapters"
-        if not base.is_dir():
-            return
         known = set(session.scalars(select(AdapterRow.id)))
-        for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in self._adapter_folders():
             rel = f"adapters/{folder.name}"
             if folder.name in known:
                 continue
@@ -370,11 +388,8 @@ class ArtifactStore:
             report.adapters.append(folder.name)
 
     def _reindex_images(self, session: Session, report: ReindexReport) -> None:
-        base = self.root / "images"
-        if not base.is_dir():
-            return
         known = set(session.scalars(select(GeneratedImageRow.id)))
-        for sidecar in sorted(base.glob("*/*.json")):
+        for sidecar in self._image_sidecars():
             if sidecar.name.startswith(".") or sidecar.stem in known:
                 continue
             rel = sidecar.relative_to(self.root).as_posix()

@@ -1,4 +1,5 @@
-"""Gallery tab: adapter cards with previews and metadata; search, tags, rename, delete/restore, download."""
+"""Gallery tab: adapter cards with previews and metadata; search, tags, rename, delete/restore, download, kohya
+export, and import of kohya/diffusers/peft LoRA files."""
 
 from __future__ import annotations
 
@@ -37,11 +38,24 @@ def render(services: Services, placeholder: str) -> GalleryTab:
                 tags = gr.Textbox(label="Tags (comma-separated)", elem_id="gallery-tags")
                 save_tags = gr.Button("Save tags")
                 download = gr.DownloadButton("Download .safetensors", visible=False, elem_id="gallery-download")
+                export = gr.Button("Export (kohya)", visible=False, elem_id="gallery-export")
+                exported = gr.DownloadButton("Download kohya file", visible=False, elem_id="gallery-export-download")
                 delete = gr.Button("Delete…", variant="stop", elem_id="gallery-delete")
                 with gr.Row(visible=False) as confirm_row:
                     confirm = gr.Button("Yes, move to trash", variant="stop", elem_id="gallery-confirm-delete")
                     keep = gr.Button("Keep it")
                 restore = gr.Button("Restore from trash", visible=False, elem_id="gallery-restore")
+        with gr.Accordion("Import a LoRA file (kohya, diffusers or peft .safetensors)", open=False):
+            with gr.Row():
+                upload = gr.File(label="LoRA file", file_types=[".safetensors"], type="filepath",
+                                 elem_id="gallery-import-file")
+                with gr.Column():
+                    import_name = gr.Textbox(label="Name", placeholder="default: the file name",
+                                             elem_id="gallery-import-name")
+                    import_kind = gr.Dropdown(["from file", "subject", "style"], value="from file", label="Kind")
+                    import_trigger = gr.Textbox(label="Trigger word", placeholder="default: from the file")
+                    import_button = gr.Button("Import", variant="primary", elem_id="gallery-import")
+            import_status = gr.Markdown(elem_id="gallery-import-status")
 
     def load(query: str, trash: bool):
         adapters = services.catalog.list_adapters(search=query or None, include_deleted=trash)
@@ -50,15 +64,40 @@ def render(services: Services, placeholder: str) -> GalleryTab:
         return items, [a.id for a in adapters]
 
     def show(adapter_id: str | None):
+        hidden = gr.update(visible=False)
         if not adapter_id:
-            return ("Select an adapter to see its details.", "", "", gr.update(visible=False),
-                    gr.update(visible=False), gr.update(visible=False))
+            return ("Select an adapter to see its details.", "", "", hidden, hidden, hidden, hidden, hidden)
         a = services.catalog.get_adapter(adapter_id)
         deleted = a.deleted
         file_path = str(services.catalog.adapter_file(adapter_id))
         return (adapter_detail_md(a) + ("\n\n**In the trash.**" if deleted else ""), a.name, ", ".join(a.tags),
                 gr.update(visible=True, value=file_path), gr.update(visible=not deleted),
-                gr.update(visible=deleted))
+                gr.update(visible=deleted), gr.update(visible=not deleted), hidden)
+
+    def export_kohya(adapter_id: str | None):
+        if not adapter_id:
+            raise gr.Error("select an adapter first")
+        try:
+            result = services.interchange.export_for_download(adapter_id)
+        except (ValueError, KeyError) as exc:
+            raise error(exc) from None
+        if result.note:
+            gr.Info(result.note)
+        label = "Download kohya file" if result.format == "kohya" else "Download native file"
+        return gr.update(visible=True, value=str(result.path), label=label)
+
+    def import_file(path: str | None, name: str, kind: str, trigger: str):
+        if not path:
+            raise gr.Error("choose a .safetensors LoRA file first")
+        try:
+            adapter = services.interchange.import_adapter(
+                path, name=name.strip() or None, kind=None if kind == "from file" else kind,
+                trigger_word=trigger.strip() or None)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise error(exc) from None
+        config = adapter.training_config
+        return (f"Imported **{adapter.name}** ({config['format']} LoRA, {config['layers']} layers, rank "
+                f"{adapter.rank}).", None)
 
     def pick(adapter_ids: list[str], evt: gr.SelectData):
         return adapter_ids[evt.index] if 0 <= evt.index < len(adapter_ids) else None
@@ -74,7 +113,7 @@ def render(services: Services, placeholder: str) -> GalleryTab:
             return adapter_id
         return run
 
-    detail_outputs = [detail, new_name, tags, download, delete, restore]
+    detail_outputs = [detail, new_name, tags, download, delete, restore, export, exported]
     refresh_outputs = [cards, ids]
     search.submit(load, [search, show_trash], refresh_outputs)
     refresh.click(load, [search, show_trash], refresh_outputs, api_name="list_adapters")
@@ -90,5 +129,8 @@ def render(services: Services, placeholder: str) -> GalleryTab:
         lambda: gr.update(visible=False), None, confirm_row).then(show, chosen, detail_outputs).then(
         load, [search, show_trash], refresh_outputs)
     restore.click(guarded(services.catalog.restore), chosen, chosen).then(show, chosen, detail_outputs).then(
+        load, [search, show_trash], refresh_outputs)
+    export.click(export_kohya, chosen, exported)
+    import_button.click(import_file, [upload, import_name, import_kind, import_trigger], [import_status, upload]).then(
         load, [search, show_trash], refresh_outputs)
     return GalleryTab(cards, refresh)

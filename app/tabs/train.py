@@ -19,8 +19,13 @@ class TrainTab:
     status: gr.Markdown
 
 
-def _defaults(services: Services, method: str) -> dict:
-    return {f["name"]: f["default"] for f in services.training.describe_method(method).fields}
+def _defaults(services: Services, method: str, kind: str = "subject") -> dict:
+    return {f["name"]: f["default"] for f in services.training.describe_method(method, kind).fields}
+
+
+def _preset_note(services: Services, method: str, kind: str) -> str:
+    description = services.training.describe_method(method, kind)
+    return f"**Preset for a {kind}:** {description.preset}. Every setting below can be changed."
 
 
 def render(services: Services) -> TrainTab:
@@ -43,12 +48,13 @@ def render(services: Services) -> TrainTab:
                               elem_id="train-steps")
             rank = gr.Number(value=defaults.get("rank", 8), precision=0, minimum=1, label="Rank",
                              elem_id="train-rank")
+        preset_note = gr.Markdown(_preset_note(services, default_method, "subject"), elem_id="train-preset")
         advanced = gr.State({})
         with gr.Accordion("Advanced settings", open=False):
 
-            @gr.render(inputs=method)
-            def method_form(method_name: str) -> None:
-                description = services.training.describe_method(method_name)
+            @gr.render(inputs=[method, kind])
+            def method_form(method_name: str, concept_kind: str) -> None:
+                description = services.training.describe_method(method_name, concept_kind)
                 gr.Markdown(f"_{description.summary}_")
                 for field in description.fields:
                     if field["name"] in MAIN_FIELDS:
@@ -57,7 +63,15 @@ def render(services: Services) -> TrainTab:
                     widget.change(lambda value, current, key=field["name"]: {**current, key: value},
                                   [widget, advanced], advanced)
 
-        method.change(lambda: {}, None, advanced)
+        def on_method_or_kind(method_name: str, concept_kind: str):
+            description = services.training.describe_method(method_name, concept_kind)
+            values = {f["name"]: f["default"] for f in description.fields}
+            return ({}, gr.update(value=values.get("max_steps")),
+                    gr.update(value=values.get("rank"), visible=description.uses_rank),
+                    _preset_note(services, method_name, concept_kind))
+
+        for trigger_widget in (method, kind):
+            trigger_widget.change(on_method_or_kind, [method, kind], [advanced, steps, rank, preset_note])
         submit = gr.Button("Queue training", variant="primary", elem_id="train-submit")
         status = gr.Markdown(elem_id="train-status")
 
@@ -66,7 +80,9 @@ def render(services: Services) -> TrainTab:
             raise gr.Error("upload at least one image first")
         try:
             config = {k: v for k, v in (extra or {}).items() if v is not None and v != ""}
-            config.update({"max_steps": int(n_steps or 0), "rank": int(r or 0)})
+            config["max_steps"] = int(n_steps or 0)
+            if services.training.describe_method(method_name, concept_kind).uses_rank:
+                config["rank"] = int(r or 0)
             dataset, job = services.train_from_upload(
                 list(uploaded), name=concept or "", method=method_name, kind=concept_kind,
                 trigger_word=trigger_word if concept_kind == "subject" else "", config=config)
