@@ -14,6 +14,12 @@ the resolution and the crop corner is (0, 0).
 Optional DreamBooth class-prior preservation (Ruiz et al., 2023, https://arxiv.org/abs/2208.12242): every step
 adds a batch of the base model's own class images under the class prompt (see ``training.prior``), and the loss
 is ``mse(subject) + prior_loss_weight · mse(class)``.
+
+Data parallel (``accelerate launch`` or ``torchrun``, see docs/distributed.md): every process draws the same global
+batch of ``batch_size × num_processes`` samples, timesteps and noise from the shared seeded streams and trains on
+its own slice; the UNet is wrapped in ``DistributedDataParallel``, so the averaged gradient equals the gradient of
+one process training on the whole global batch. The main process alone reports to the callback and writes
+checkpoints and previews; its stop and on-demand decisions are broadcast, so every process acts on the same step.
 """
 
 from __future__ import annotations
@@ -73,7 +79,11 @@ def latest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def make_accelerator(mixed_precision: str = "no") -> Any:
-    """An ``Accelerator`` on CUDA when present, else CPU, with ``mixed_precision`` autocast."""
+    """An ``Accelerator`` on CUDA when present, else CPU, with ``mixed_precision`` autocast.
+
+    Launched by ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group: NCCL on
+    CUDA, gloo on CPU; ``prepare`` then wraps the UNet in ``DistributedDataParallel``.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -161,6 +171,7 @@ class Trainer:
         self.prompts = [build_prompt(c, trigger_word, kind) for c in dataset.captions]
         first = dataset.captions[0] if dataset.captions else ""
         self.preview_prompt = config.preview_prompt.strip() or build_prompt(first, trigger_word, "subject")
+        self.rank, self.world, self.is_main = 0, 1, True  # this process among the launched ones; set in _setup
 
     # ----------------------------------------------------------------------------------------------- setup --
 
@@ -227,6 +238,8 @@ class Trainer:
         unet = self.pipe.unet
         self.accelerator = make_accelerator(cfg.mixed_precision)
         self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
         self.class_digest: str | None = None
         images = self._class_images() if cfg.prior_preservation else None
         self._cache_inputs(images)
@@ -270,10 +283,30 @@ class Trainer:
             if self.callback.should_stop():
                 raise JobCancelled(f"training stopped while generating class image {done} of {total}")
 
-        images = cached_class_images(pipe, cfg.class_prompt.strip(), cfg.num_class_images, cfg.seed,
-                                     cfg.resolution, cfg.class_image_steps, self.work_dir, progress)
+        images = None
+        if self.is_main:
+            images = cached_class_images(pipe, cfg.class_prompt.strip(), cfg.num_class_images, cfg.seed,
+                                         cfg.resolution, cfg.class_image_steps, self.work_dir, progress)
+        if self.world > 1:
+            images = self._broadcast_images(images)
+        assert images is not None
         self.class_digest = images_digest(images)
         return images
+
+    def _broadcast_images(self, images: list[Image.Image] | None) -> list[Image.Image]:
+        """The main process's class images on every process, sent as pixels (generated once, same everywhere)."""
+        from accelerate.utils import broadcast
+
+        cfg = self.config
+        shape = (cfg.num_class_images, cfg.resolution, cfg.resolution, 3)
+        if images is not None:
+            pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+            if tuple(pixels.shape) != shape:
+                raise ValueError(f"class images have shape {tuple(pixels.shape)}, expected {shape}")
+        else:
+            pixels = torch.zeros(shape, dtype=torch.uint8)
+        pixels = broadcast(pixels.to(self.device), from_process=0).cpu()
+        return [Image.fromarray(a) for a in pixels.numpy()]
 
     @torch.no_grad()
     def _encode_images(self, count: int, image_at: Callable[[int], Image.Image]) -> torch.Tensor:
@@ -353,16 +386,22 @@ class Trainer:
         return self._perm
 
     def _next_indices(self) -> list[int]:
-        """The next ``batch_size`` images of an endless stream of per-epoch shuffles."""
+        """The next global batch (``batch_size`` images per process) of an endless stream of per-epoch shuffles."""
         out: list[int] = []
         n = len(self.dataset)
-        while len(out) < self.config.batch_size:
+        wanted = self.config.batch_size * self.world
+        while len(out) < wanted:
             if self.offset >= n:
                 self.epoch, self.offset = self.epoch + 1, 0
-            take = min(self.config.batch_size - len(out), n - self.offset)
+            take = min(wanted - len(out), n - self.offset)
             out.extend(int(i) for i in self._permutation(self.epoch)[self.offset:self.offset + take])
             self.offset += take
         return out
+
+    def _share(self, count: int) -> slice:
+        """This process's contiguous slice of a global batch of ``count`` rows."""
+        per = count // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
 
     # ------------------------------------------------------------------------------------------------ loop --
 
@@ -373,16 +412,21 @@ class Trainer:
         return (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
 
     def _draw(self, latents: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Pick ``latents[variant, index]`` (a random mirror image when flipping), timesteps and noise."""
+        """Pick ``latents[variant, index]`` (a random mirror image when flipping), timesteps and noise.
+
+        Every process draws the random numbers of the whole global batch ``index`` (so the shared generator stays
+        in step) and keeps its own share of the rows.
+        """
         cfg, device = self.config, self.device
         batch = len(index)
         variant = (torch.rand(batch, generator=self.noise_gen) < 0.5).long() if cfg.flip else torch.zeros_like(index)
         timesteps = self._sample_timesteps(batch)
-        picked = latents[variant.to(device), index.to(device)]
-        noise = torch.randn(picked.shape, generator=self.noise_gen, dtype=torch.float32)
+        noise = torch.randn((batch, *latents.shape[2:]), generator=self.noise_gen, dtype=torch.float32)
         if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn(batch, picked.shape[1], 1, 1, generator=self.noise_gen)
-        return picked, timesteps.to(device), noise.to(device, picked.dtype)
+            noise += cfg.noise_offset * torch.randn(batch, latents.shape[2], 1, 1, generator=self.noise_gen)
+        mine = self._share(batch)
+        picked = latents[variant[mine].to(device), index[mine].to(device)]
+        return picked, timesteps[mine].to(device), noise[mine].to(device, picked.dtype)
 
     def _noisy_and_target(self, latents: torch.Tensor, timesteps: torch.Tensor,
                           noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,11 +443,11 @@ class Trainer:
         """Latents, timesteps, noise, text embeddings and pooled embeddings (or None) of this step's UNet call.
 
         With prior preservation the subject batch is followed by as many class samples, drawn after it from the
-        same generator.
+        same generator. With several processes, each gets its share of the subject and of the class samples.
         """
         index = torch.tensor(self._next_indices())
         latents, timesteps, noise = self._draw(self.latents, index)
-        rows = self.prompt_index[index.to(self.device)]
+        rows = self.prompt_index[index[self._share(len(index))].to(self.device)]
         embeds = self.embeddings[rows]
         pooled = self.pooled[rows] if self.pooled is not None else None
         if self.class_latents is not None:
@@ -412,9 +456,9 @@ class Trainer:
             c_latents, c_timesteps, c_noise = self._draw(self.class_latents, class_index)
             latents, timesteps = torch.cat([latents, c_latents]), torch.cat([timesteps, c_timesteps])
             noise = torch.cat([noise, c_noise])
-            embeds = torch.cat([embeds, self.class_embedding.expand(len(index), -1, -1)])
+            embeds = torch.cat([embeds, self.class_embedding.expand(len(c_latents), -1, -1)])
             if pooled is not None:
-                pooled = torch.cat([pooled, self.class_pooled.expand(len(index), -1)])
+                pooled = torch.cat([pooled, self.class_pooled.expand(len(c_latents), -1)])
         return latents, timesteps, noise, embeds, pooled
 
     def _train_step(self) -> float:
@@ -441,6 +485,8 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:  # the loss of the global batch: the mean of the processes' equal-sized shares
+            return float(self.accelerator.reduce(loss.detach().clone(), reduction="mean"))
         return float(loss.detach())
 
     def run(self, resume_from: str | os.PathLike[str] | None = None) -> TrainResult:
@@ -461,10 +507,10 @@ class Trainer:
                 with self._threads():
                     self._loop()
             except JobCancelled:
-                if self.work_dir is not None:
+                if self.work_dir is not None and self.is_main:
                     shutil.rmtree(self.work_dir / CHECKPOINT_DIR, ignore_errors=True)
                 raise
-            preview = self._preview() if cfg.preview_every else None
+            preview = self._preview() if cfg.preview_every and self.is_main else None
             tensors = self.method.adapter_state_dict()
             metadata = self.method.adapter_metadata()
             self.accelerator.free_memory()
@@ -483,8 +529,10 @@ class Trainer:
         cfg, callback = self.config, self.callback
         total = cfg.max_steps
         recent: deque[float] = deque(maxlen=10)
+        main = self.is_main
         while self.step < total:
-            if callback.should_stop():
+            (stop,) = self._agree(main and callback.should_stop())
+            if stop:
                 raise JobCancelled(f"training stopped at step {self.step} of {total}")
             tick = time.perf_counter()
             loss = self._train_step()
@@ -494,15 +542,27 @@ class Trainer:
             self.losses.append(loss)
             recent.append(time.perf_counter() - tick)
             it_per_s = len(recent) / max(sum(recent), 1e-9)
-            callback.on_step(self.step, total, loss, it_per_s, (total - self.step) / it_per_s)
+            if main:
+                callback.on_step(self.step, total, loss, it_per_s, (total - self.step) / it_per_s)
             if self.step < total:
-                requested = getattr(callback, "pending_requests", set)()
+                requested = getattr(callback, "pending_requests", set)() if main else set()
+                want_checkpoint, want_preview = self._agree("checkpoint" in requested, "preview" in requested)
                 periodic_checkpoint = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                if (periodic_checkpoint or "checkpoint" in requested) and self.work_dir is not None:
-                    path = self._save_checkpoint()
-                    callback.on_checkpoint(self.step, str(path))
-                if (cfg.preview_every and self.step % cfg.preview_every == 0) or "preview" in requested:
+                if (periodic_checkpoint or want_checkpoint) and self.work_dir is not None:
+                    path = self._checkpoint()
+                    if main:
+                        callback.on_checkpoint(self.step, str(path))
+                if main and ((cfg.preview_every and self.step % cfg.preview_every == 0) or want_preview):
                     self._preview()
+
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        """The main process's ``flags`` on every process (one broadcast), so all of them act on the same step."""
+        if self.world == 1:
+            return tuple(bool(f) for f in flags)
+        from accelerate.utils import broadcast
+
+        sent = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        return tuple(bool(v) for v in broadcast(sent, from_process=0).tolist())
 
     # --------------------------------------------------------------------------------------------- preview --
 
@@ -531,11 +591,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoint --
 
+    def _checkpoint(self) -> Path:
+        """Save a checkpoint on the main process while the others wait; every process gets its path."""
+        self.accelerator.wait_for_everyone()
+        path = self._save_checkpoint() if self.is_main else self._checkpoint_path()
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _checkpoint_path(self) -> Path:
+        assert self.work_dir is not None
+        return self.work_dir / CHECKPOINT_DIR / f"step-{self.step:06d}"
+
     def _save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-XXXXXX/`` into a temp folder, rename it into place, keep the latest ones."""
         assert self.work_dir is not None
         root = self.work_dir / CHECKPOINT_DIR
-        final = root / f"step-{self.step:06d}"
+        final = self._checkpoint_path()
         tmp = root / f".{final.name}.tmp"
         for stale in root.glob(".step-*.tmp") if root.is_dir() else ():  # left by a crash while saving
             shutil.rmtree(stale, ignore_errors=True)
@@ -561,6 +632,7 @@ class Trainer:
             "method": getattr(self.method, "registry_name", type(self.method).__name__),
             "config": self.config.to_dict(),
             "dataset_size": len(self.dataset),
+            "num_processes": self.world,
             "prompts": self.prompts,
             "losses": self.losses,
             "class_images": self.class_digest,
@@ -599,6 +671,11 @@ class Trainer:
                          if k not in _RESUME_FREE and saved.get(k) != current.get(k))
         if changed:
             raise ValueError(f"{path}: cannot resume with changed settings: {', '.join(changed)}")
+        saved_world = int(info.get("num_processes", 1))
+        if saved_world != self.world:
+            raise ValueError(f"{path}: checkpoint of a run on {saved_world} process(es) (a global batch of "
+                             f"{saved_world}×batch_size); this run has {self.world}; resume it with "
+                             f"{saved_world} process(es)")
         if info["dataset_size"] != len(self.dataset) or info["prompts"] != self.prompts:
             raise ValueError(f"{path}: the dataset (images or captions) differs from the checkpoint's")
         if info.get("class_images") != self.class_digest:
