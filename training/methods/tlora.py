@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from training.base import METHODS, LoRAFactors, Method, MethodConfig, PeftAttachedAdapter
 
+_FOLD_LIMIT = 1 << 22  # tokens·d_in·d_out below which folding ΔW into the weight beats the low-rank matmuls
+
 SIG_TYPES = ["principal", "last", "middle"]
 PARTS = ("q", "p", "lam", "q0", "p0", "lam0")
 META_RANK = "lorastudio.tlora.rank"
@@ -270,8 +272,30 @@ class TLoRALinear(nn.Module):
         return trained - frozen
 
     def forward(self, x: Tensor) -> Tensor:
-        mask = broadcast_mask(self.masks.current(self.rank, x), x)
-        return self.base(x) + self.delta(x, mask)
+        masks = self.masks.current(self.rank, x)
+        rows, batch = masks.shape[0], x.shape[0] if x.ndim >= 2 else 1
+        weight = self.base.weight
+        small = (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1] <= _FOLD_LIMIT
+        if small and x.ndim >= 2 and rows in (1, batch):
+            return self._folded(x, masks)
+        return self.base(x) + self.delta(x, broadcast_mask(masks, x))
+
+    def _folded(self, x: Tensor, masks: Tensor) -> Tensor:
+        """Small layers: fold ΔW(t) of each mask row into a per-sample weight and run one (batched) matmul.
+
+        Written by hand because the masks differ per sample, which no fused LoRA path of peft covers; the two
+        branches are formed separately so they still cancel exactly at initialisation.
+        """
+        dtype = self.base.weight.dtype
+        trained = (self.p.to(dtype) * (self.lam.to(dtype) * masks).unsqueeze(1)) @ self.q.to(dtype)
+        frozen = (self.p0.to(dtype) * (self.lam0.to(dtype) * masks).unsqueeze(1)) @ self.q0.to(dtype)
+        weights = self.base.weight + (trained - frozen)  # (rows, d_out, d_in)
+        bias = self.base.bias
+        if weights.shape[0] == 1:
+            return F.linear(x, weights[0], bias)
+        # One linear per sample (batches are small here) rounds exactly like the base layer, so an untrained
+        # adapter reproduces the base output bit for bit.
+        return torch.cat([F.linear(x[i:i + 1], weights[i], bias) for i in range(weights.shape[0])])
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
