@@ -1,6 +1,6 @@
-"""Benchmarks of the basic loop: a 20-step generation and a 50-step training run on the built-in model.
-
-Each measurement runs in its own spawned process so that its peak memory (max RSS) is its own.
+"""Benchmarks on the built-in model: the basic loop (a 20-step generation and a 50-step training run, each in its
+own spawned process so that its peak memory, max RSS, is its own), composition, and every training method against
+a plain diffusers + peft training loop (``training.bench``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from core.types import GenerationRequest
 from services.container import build_services
 from services.settings import Settings
-from training.bench import make_images
+from training.bench import DEFAULT_THREADS, format_table, make_images, run_training_suite
 
 
 def run_compose_benchmark(n_values: tuple[int, ...] = (1, 2, 3, 4), steps: int = 20, repeats: int = 5,
@@ -44,6 +44,21 @@ def run_compose_benchmark(n_values: tuple[int, ...] = (1, 2, 3, 4), steps: int =
                          n_values=n_values, steps=steps, repeats=repeats, base_pipe=base_pipe)
     finally:
         torch.set_num_threads(previous)
+
+
+def run_training_benchmark(methods: list[str] | None = None, quick: bool = False, steps: int | None = None,
+                           rounds: int | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Steps/s, trainable parameters and memory of each training method (default: every registered one) and of
+    the diffusers + peft baseline loop, at the shared fixed settings; ``quick``: few steps, one round.
+
+    ``threads``: torch threads of every loop (default 1: steady timings on a shared CPU; 0: each loop's own)."""
+    threads = DEFAULT_THREADS if threads is None else threads
+    return run_training_suite(methods, quick=quick, steps=steps, rounds=rounds, threads=threads)
+
+
+def training_table(results: dict[str, Any]) -> str:
+    """``run_training_benchmark``'s results as a readable text table."""
+    return format_table(results)
 
 
 def _peak_rss_mb() -> float:
