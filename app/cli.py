@@ -1,4 +1,4 @@
-"""``lorastudio`` command line: serve, train, generate, worker, jobs, adapters, bench."""
+"""``lorastudio`` command line: serve, train, generate, worker, jobs, adapters, bench, world."""
 
 from __future__ import annotations
 
@@ -60,12 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, help="adapter rank")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method setting")
 
-    gen = sub.add_parser("generate", help="generate one image, optionally with adapters")
+    gen = sub.add_parser("generate", help="generate one image, optionally with adapters (or compare composers)")
     _common(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--adapter", action="append", default=[], type=_weight_arg, metavar="NAME[:WEIGHT]")
-    gen.add_argument("--composer", default="merge")
+    gen.add_argument("--concept", action="append", default=[], metavar="NAME=WORD[,WORD]",
+                     help="the prompt word(s) adapter NAME stands for (CLoRA); NAME as given to --adapter")
+    gen.add_argument("--composer", default="merge", help="how the adapters are combined (merge, switch, composite, "
+                                                         "clora, cmlora)")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a setting of the composer (e.g. --set interval=3 for switch)")
+    gen.add_argument("--compare", metavar="NAME,NAME", help="run the same prompt, seed and adapters through each of "
+                                                            "these composers; writes OUT-<composer>.png per image")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--guidance", type=float, default=7.5)
@@ -103,17 +110,56 @@ def build_parser() -> argparse.ArgumentParser:
     _common(listing)
     listing.add_argument("--search", help="filter by name, trigger word, method or tag")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    export = adapters_sub.add_parser("export", help="write an adapter as a kohya .safetensors file (A1111, ComfyUI, "
+                                                    "diffusers) or as the native file")
+    _common(export)
+    export.add_argument("adapter", metavar="ID", help="adapter id or name")
+    export.add_argument("out", metavar="OUT", type=Path, help=".safetensors file to write (or a folder)")
+    export.add_argument("--format", default="kohya", choices=["kohya", "native"],
+                        help="kohya (default; methods that are not plain low-rank fall back to native) or native")
+    export.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                        help="kohya tensor precision (default fp16)")
+    importing = adapters_sub.add_parser("import", help="add a kohya, diffusers or peft LoRA .safetensors file to "
+                                                       "the catalog")
+    _common(importing)
+    importing.add_argument("file", metavar="FILE", type=Path, help="the LoRA .safetensors file")
+    importing.add_argument("--name", required=True, help="name of the adapter in the catalog")
+    importing.add_argument("--kind", choices=["subject", "style"],
+                           help="default: from the file's header, else subject with --trigger, style without")
+    importing.add_argument("--trigger", help="trigger word (default: from the file's header)")
+    importing.add_argument("--base", help="base model the LoRA is for (default: --base-model / the default base)")
+    importing.add_argument("--alpha", type=float, help="LoRA alpha for files that do not carry one (peft "
+                                                       "adapter_model.safetensors: lora_alpha of adapter_config.json)")
 
     bench = sub.add_parser("bench", help="benchmarks (writes JSON)")
-    bench.add_argument("suite", choices=["loop", "compose", "queue"],
+    bench.add_argument("suite", choices=["loop", "compose", "queue", "training"],
                        help="loop: 20-step generation and 50-step training; compose: every composer at N=1..4 "
                             "adapters against the base model; queue: claim throughput, queue-view latency and "
-                            "requeue time on SQLite and PostgreSQL")
+                            "requeue time on SQLite and PostgreSQL; training: steps/s and memory of every training "
+                            "method against a plain diffusers+peft loop")
     _common(bench)
     bench.add_argument("--json", type=Path, help="write the results here")
     bench.add_argument("--pg-url", help="queue: PostgreSQL admin URL; a throwaway database is created there "
                                         "(default: env LORASTUDIO_BENCH_PG_URL or postgres@127.0.0.1:5432; "
                                         "'none' skips PostgreSQL)")
+    bench.add_argument("--methods", help="training: comma-separated methods (default: every registered one)")
+    bench.add_argument("--quick", action="store_true", help="training: few steps, one round")
+    bench.add_argument("--steps", type=int, help="training: timed steps per run (default 30)")
+    bench.add_argument("--rounds", type=int, help="training: alternating rounds, best kept (default 3)")
+    bench.add_argument("--threads", type=int, help="training: torch threads of every loop (default 1; 0 = each "
+                                                   "loop's own: torch's for the baseline, the trainer's policy)")
+
+    world = sub.add_parser("world", help="the procedural shapes world: render datasets, list its concepts")
+    world_sub = world.add_subparsers(dest="world_command", required=True)
+    render = world_sub.add_parser("render", help="write PNGs (GIFs for clips), .txt captions and labels.jsonl")
+    render.add_argument("--out", type=Path, required=True, help="folder to write")
+    render.add_argument("--count", type=int, default=100, help="number of renders (default 100)")
+    render.add_argument("--seed", type=int, default=0, help="the same seed always gives the same files")
+    render.add_argument("--concept", help="a held-out concept (see `lorastudio world list`); default: the base "
+                                          "set, held-in concepts only")
+    render.add_argument("--clips", action="store_true", help="8-frame clips (always for a held-out motion)")
+    render.add_argument("--trigger", help="trigger word (default sks for a subject; styles and motions: none)")
+    world_sub.add_parser("list", help="the concepts, held-in and held-out")
 
     methods = sub.add_parser("methods", help="list training methods and their settings")
     methods.add_argument("name", nargs="?")
@@ -222,22 +268,51 @@ def cmd_train(args: argparse.Namespace) -> int:
         services.close()
 
 
+def _with_concepts(adapters: list, concepts: list[str]) -> tuple:
+    """``--adapter`` picks with the words of the matching ``--concept NAME=WORD`` (NAME as given to --adapter)."""
+    from dataclasses import replace
+
+    from services.generation import parse_concept_arg
+
+    words = dict(parse_concept_arg(c) for c in concepts)
+    unknown = sorted(set(words) - {a.adapter for a in adapters})
+    if unknown:
+        raise ValueError(f"--concept names {', '.join(unknown)}, which no --adapter picks")
+    return tuple(replace(a, prompt=words[a.adapter]) if a.adapter in words else a for a in adapters)
+
+
+def _write_result(services, job_id: str, out: Path) -> None:
+    image = services.generation.get_image(services.jobs.get(job_id).result_ref)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(Path(services.settings.artifacts_dir, image.path).read_bytes())
+    notes = "".join(f" ({note})" for note in image.notes)
+    print(f"wrote {out} ({image.composer}, {image.params.get('sample_seconds', image.params.get('seconds'))} s)"
+          f"{notes}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from core.types import GenerationRequest
     from services.container import build_services
 
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                                steps=args.steps, guidance_scale=args.guidance,
+                                adapters=_with_concepts(args.adapter, args.concept), composer=args.composer,
+                                composer_config=_parse_sets(args.set))
     services = build_services(_settings(args), worker_suffix=f"cli-{os.getpid()}")
     try:
-        request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                                    steps=args.steps, guidance_scale=args.guidance, adapters=tuple(args.adapter),
-                                    composer=args.composer)
-        job = services.generation.submit(request)
-        code = _follow(services, job.id, "generate")
-        if code == 0:
-            image = services.generation.get_image(services.jobs.get(job.id).result_ref)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_bytes(Path(services.settings.artifacts_dir, image.path).read_bytes())
-            print(f"wrote {args.out}")
+        if not args.compare:
+            job = services.generation.submit(request)
+            code = _follow(services, job.id, "generate")
+            if code == 0:
+                _write_result(services, job.id, args.out)
+            return code
+        composers = [c.strip() for c in args.compare.split(",") if c.strip()]
+        queued = services.generation.compare(request, composers)
+        code = 0
+        for name, job in zip(composers, queued):
+            code = _follow(services, job.id, name) or code
+            if services.jobs.get(job.id).status == "succeeded":
+                _write_result(services, job.id, args.out.with_name(f"{args.out.stem}-{name}{args.out.suffix}"))
         return code
     finally:
         services.close()
@@ -333,6 +408,22 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
     services = build_services(_settings(args), worker_suffix="cli")
     try:
+        if args.adapters_command == "export":
+            result = services.interchange.export_adapter(args.adapter, args.out, fmt=args.format,
+                                                         precision=args.precision)
+            if result.note:
+                print(f"note: {result.note}", file=sys.stderr)
+            layers = f", {result.layers} layers" if result.layers else ""
+            print(f"wrote {result.path} ({result.format}{layers})")
+            return 0
+        if args.adapters_command == "import":
+            adapter = services.interchange.import_adapter(args.file, name=args.name, kind=args.kind,
+                                                          trigger_word=args.trigger, base_model=args.base,
+                                                          alpha=args.alpha)
+            config = adapter.training_config
+            print(f"imported {adapter.name} ({adapter.id}): {config['format']} LoRA, {config['layers']} layers, "
+                  f"rank {adapter.rank}")
+            return 0
         adapters = services.catalog.list_adapters(search=args.search)
         if args.json:
             print(json.dumps([{"id": a.id, "name": a.name, "method": a.method, "kind": a.kind,
@@ -374,6 +465,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         results = run_compose_benchmark()
         failed = any("error" in entry for row in results["n"].values() for entry in row.values())
+    elif args.suite == "training":
+        return _bench_training(args)
     else:
         from services.benchmarks import run_loop_benchmark
 
@@ -387,9 +480,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _bench_training(args: argparse.Namespace) -> int:
+    from services.benchmarks import run_training_benchmark, training_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    results = run_training_benchmark(methods, quick=args.quick, steps=args.steps, rounds=args.rounds,
+                                     threads=args.threads)
+    print(training_table(results))
+    text = json.dumps(results, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+        print(f"wrote {args.json}")
+    else:
+        print(text)
+    failed = "error" in results["baseline"] or any("error" in e for e in results["methods"].values())
+    return 1 if failed else 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    from services.world import list_concepts, render_world, world_attributes
+
+    if args.world_command == "list":
+        for name, values in world_attributes().items():
+            print(f"{name}: {', '.join(values)}")
+        for held_out in (False, True):
+            print("held-out (never in base training data):" if held_out else "held-in (base training data):")
+            for c in (c for c in list_concepts() if c["held_out"] == held_out):
+                print(f"  {c['name']:12} {c['kind']:8} {c['description']}")
+        return 0
+    summary = render_world(args.out, args.count, seed=args.seed, concept=args.concept, clips=args.clips,
+                           trigger=args.trigger)
+    kind = "clips" if summary.clips else "images"
+    print(f"wrote {summary.count} {kind} of {summary.dataset} (seed {args.seed}) to {summary.out}")
+    return 0
+
+
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "generate": cmd_generate, "worker": cmd_worker,
             "jobs": cmd_jobs, "adapters": cmd_adapters, "methods": cmd_methods,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from datetime import datetime
 
-from core.types import AdapterInfo, JobInfo
+from core.types import AdapterInfo, ImageInfo, JobInfo
 
 
 def short(job_id: str) -> str:
@@ -98,3 +98,34 @@ def adapter_detail_md(a: AdapterInfo) -> str:
         f"- **created** {when(a.created_at)} · **updated** {when(a.updated_at)}",
         f"- **id** `{a.id}`",
     ])
+
+
+def _text(value: str) -> str:
+    """Escape ``<``, ``>`` and ``&`` in text shown as Markdown (quotes stay readable)."""
+    return html.escape(value, quote=False)
+
+
+def image_seconds(image: ImageInfo) -> float | None:
+    """Seconds the image took to sample and decode (older records: the whole job)."""
+    value = image.params.get("sample_seconds", image.params.get("seconds"))
+    return float(value) if value is not None else None
+
+
+def compare_caption(image: ImageInfo) -> str:
+    """``<composer> · <seconds> s`` under an image of a composer comparison."""
+    seconds = image_seconds(image)
+    return f"{image.composer} · {seconds:.2f} s" if seconds is not None else image.composer
+
+
+def generation_status_md(image: ImageInfo) -> str:
+    """The Generate tab's status line for a finished image: time, seed, adapters, CLoRA's region colours, notes."""
+    seconds = image.params.get("seconds")
+    head = f"done in {seconds:.2f} s" if seconds is not None else "done"
+    lines = [f"{head} · seed {image.seed} · {len(image.adapters)} adapter(s) · {_text(image.composer)}"]
+    legend = (image.params.get("regions") or {}).get("legend") or []
+    if legend:
+        parts = [f"{_text(str(e.get('colour')))} = {_text(str(e.get('name')))}"
+                 + (f" ({_text(str(e['concept']))})" if e.get("concept") else "") for e in legend]
+        lines.append("Regions: " + ", ".join(parts))
+    lines += [f"⚠️ {_text(note)}" for note in image.notes]
+    return "\n\n".join(lines)

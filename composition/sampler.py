@@ -2,6 +2,9 @@
 
 With composer ``merge`` and no adapters it reproduces ``StableDiffusionPipeline.__call__`` for the same seed,
 scheduler and settings: same prompt encoding, same initial noise order, same CFG batch, same decode.
+
+A composer may leave results for the caller in ``ctx.state["report"]`` (a dict, e.g. CLoRA's final region masks);
+``sample(..., report=d)`` copies it into ``d`` when the image is done.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import (
@@ -141,12 +145,14 @@ def sample(
     weights: dict[str, float],
     request: SampleRequest,
     on_step: Callable[[int, int], None] | None = None,
+    report: dict[str, Any] | None = None,
 ) -> Image.Image:
     """Sample one image with ``composer`` deciding the noise prediction of every step.
 
     ``on_step(i, total)`` is called after step ``i`` (0-based) of ``total``; raising from it cancels: ``teardown``
     still runs and the exception propagates. The random stream is a CPU ``torch.Generator`` seeded with
-    ``request.seed``, so a seed gives the same image on every run and device.
+    ``request.seed``, so a seed gives the same image on every run and device. ``report``, when given, receives
+    what the composer left in ``ctx.state["report"]``.
     """
     if not isinstance(composer, Composer):
         raise TypeError(f"composer must be a Composer, got {type(composer).__name__}")
@@ -161,13 +167,13 @@ def sample(
 
     grad_mode = torch.no_grad() if composer.requires_grad else torch.inference_mode()
     with grad_mode:
-        latents = _denoise(pipe, composer, adapters, weights, request, scheduler, height, width, on_step)
+        latents = _denoise(pipe, composer, adapters, weights, request, scheduler, height, width, on_step, report)
         vae = pipe.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def _denoise(pipe, composer, adapters, weights, request, scheduler, height, width, on_step) -> Tensor:
+def _denoise(pipe, composer, adapters, weights, request, scheduler, height, width, on_step, report) -> Tensor:
     unet = pipe.unet
     device = pipe._execution_device
     generator = torch.Generator().manual_seed(request.seed)
@@ -229,6 +235,8 @@ def _denoise(pipe, composer, adapters, weights, request, scheduler, height, widt
             composer.after_step(ctx)
             if on_step is not None:
                 on_step(i, total)
+        if report is not None:
+            report.update(ctx.state.get("report") or {})
         return ctx.latents
     finally:
         composer.teardown(ctx)

@@ -4,6 +4,10 @@ A full pass can hand out the deep feature entering the last up block (``capture_
 (``shallow_forward``) then recomputes only the time embedding, ``conv_in``, the resnet/attention pairs of the
 first down block (their outputs are the last up block's skips) and the last up block plus the output head,
 taking the deep feature from the cache. With a feature from the same inputs it equals the full pass.
+
+The shallow pass runs the UNet's forward pre-hooks first, with the arguments a full call ``unet(sample, timestep,
+encoder_hidden_states=...)`` would give them, since adapters may learn the step from such a hook (T-LoRA's rank
+mask reads the timestep there); without it they would keep the timestep of the last full pass.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 
 def cache_unsupported_reason(unet: nn.Module) -> str | None:
@@ -44,9 +49,31 @@ def capture_deep_feature(unet: nn.Module, into: list[Tensor]) -> Iterator[None]:
         handle.remove()
 
 
+def run_forward_pre_hooks(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Call ``module``'s forward pre-hooks (global ones first) as ``module(*args, **kwargs)`` would, in the same
+    order and with the same rules for hooks that replace the arguments; returns the arguments after them."""
+    hooks = [*torch_module._global_forward_pre_hooks.items(), *module._forward_pre_hooks.items()]
+    for hook_id, hook in hooks:
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"forward pre-hook must return None or (args, kwargs), got {type(result)}")
+                args, kwargs = result
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
+
+
 def shallow_forward(unet: nn.Module, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                     deep_feature: Tensor) -> Tensor:
     """The UNet output with everything between the first down block and the last up block taken from cache."""
+    args, kwargs = run_forward_pre_hooks(unet, (sample, timestep), {"encoder_hidden_states": encoder_hidden_states})
+    sample = args[0]
+    timestep = args[1] if len(args) > 1 else kwargs.get("timestep", timestep)
+    encoder_hidden_states = kwargs.get("encoder_hidden_states", encoder_hidden_states)
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
     emb = unet.time_embedding(t_emb, None)
     if unet.time_embed_act is not None:

@@ -106,10 +106,15 @@ class JobInfo:
 
 @dataclass(frozen=True)
 class AdapterWeight:
-    """An adapter picked for generation, by catalog id or name, with its slider weight."""
+    """An adapter picked for generation, by catalog id or name, with its slider weight.
+
+    ``prompt``: the word(s) of the prompt this adapter stands for (comma-separated), used by composers that
+    localise adapters (CLoRA); empty = the composer's own setting, else the adapter's trigger words or name.
+    """
 
     adapter: str
     weight: float = 1.0
+    prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,3 +143,14 @@ class ImageInfo:
     params: dict[str, Any]
     job_id: str | None
     created_at: datetime
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the composer could not do as asked (e.g. a fallback from batched routing), for the user."""
+        return tuple(self.params.get("notes") or ())
+
+    @property
+    def regions_path(self) -> str | None:
+        """Relative path of the region preview (CLoRA's masks drawn over the image), if one was saved."""
+        regions = self.params.get("regions") or {}
+        return regions.get("path")

@@ -227,6 +227,19 @@ class ArtifactStore:
             raise
         return rel, sha
 
+    def write_image_regions(self, image_rel: str, png_bytes: bytes) -> str:
+        """Write the region preview of generated image ``images/<date>/<id>.png`` as ``images/<date>/regions/<id>.png``
+        (atomically; outside the ``*/*.json`` pattern :meth:`reindex` reads); returns its relative path."""
+        parts = PurePosixPath(image_rel).parts
+        if len(parts) != 3 or parts[0] != "images" or not parts[2].endswith(".png"):
+            raise ValueError(f"not a generated image path: {image_rel!r}")
+        image_id = _check_id(parts[2][: -len(".png")], "image id")
+        day = _check_id(parts[1], "image folder")
+        _check_png(png_bytes)
+        rel = f"images/{day}/regions/{image_id}.png"
+        atomic_write_bytes(self._path(rel), png_bytes)
+        return rel
+
     # jobs -------------------------------------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:

@@ -16,15 +16,23 @@ encoded once with all adapters active; maps are averaged over the conditional CF
 averages the unconditional half); overlapping masks go by default to the branch with the strongest normalised
 attention, so the masks partition the image (``overlap=average`` averages them as the reference does); the
 reference's repeated "iterative steps" refinement is not implemented; each adapter runs at its slider weight.
+
+Concept words come from ``concepts`` (config) unless the caller gives an adapter its own (``adapter_prompts``, the
+per-adapter box of the Generate tab), which wins for that adapter. The masks of the last fused step are left in
+``ctx.state["report"]`` (``masks`` ``[1 + N, h, w]`` at latent size, ``branches``, ``concepts``) and can be drawn
+over the image with ``region_overlay``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from composition.base import COMPOSERS, Composer, ComposerConfig, StepContext, UNetFn
@@ -36,8 +44,9 @@ class CLoRAConfig(ComposerConfig):
     concepts: str = field(
         default="",
         metadata={"help": "The prompt word(s) each adapter stands for, one entry per adapter separated by ';' in "
-                          "slot order ('dog; red,cat') or by name ('adapter=dog'); an adapter without an entry "
-                          "uses its own name, which must then appear in the prompt"},
+                          "slot order ('dog; red,cat') or by name ('adapter=dog'). An adapter's own concept word "
+                          "wins over its entry; without either, its trigger words (else its name) are used. The "
+                          "words must appear in the prompt"},
     )
     latent_update: bool = field(
         default=True,
@@ -81,6 +90,41 @@ class CLoRAConfig(ComposerConfig):
         metadata={"help": "Run all branches in one batched UNet call with per-sample routing; off = one call "
                           "per branch with adapter switching"},
     )
+
+
+# Region colours: the base branch grey, then one colour per adapter in slot order (repeating after eight).
+REGION_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("grey", (128, 128, 128)), ("red", (230, 25, 75)), ("green", (60, 180, 75)), ("blue", (0, 130, 200)),
+    ("orange", (245, 130, 48)), ("purple", (145, 30, 180)), ("cyan", (70, 240, 240)), ("magenta", (240, 50, 230)),
+    ("yellow", (255, 225, 25)),
+)
+
+
+def split_words(text: str) -> list[str]:
+    """``'red, car'`` -> ``['red', 'car']`` (empty entries dropped)."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def region_colour(branch: int) -> tuple[str, tuple[int, int, int]]:
+    """Name and RGB of branch ``branch`` (0 = base model) in region previews."""
+    if branch == 0:
+        return REGION_COLOURS[0]
+    return REGION_COLOURS[1 + (branch - 1) % (len(REGION_COLOURS) - 1)]
+
+
+def region_overlay(image: Image.Image, masks: Tensor, alpha: float = 0.55) -> Image.Image:
+    """``image`` with each branch's mask (``[G, h, w]``, any resolution) painted in its ``region_colour``.
+
+    Overlapping masks (``overlap=average``) mix their colours; the masks are scaled to the image (nearest)."""
+    if masks.ndim != 3 or masks.shape[0] < 1:
+        raise ValueError(f"masks must be [branches, h, w], got shape {tuple(masks.shape)}")
+    resized = F.interpolate(masks.detach().float().cpu()[None], size=(image.height, image.width), mode="nearest")[0]
+    palette = torch.tensor([region_colour(i)[1] for i in range(masks.shape[0])], dtype=torch.float32)
+    total = resized.sum(0, keepdim=True).clamp_min(1e-6)
+    colour = torch.einsum("ghw,gc->hwc", resized / total, palette)
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+    blended = (1 - alpha) * pixels + alpha * colour
+    return Image.fromarray(blended.round().clamp(0, 255).to(torch.uint8).numpy(), mode="RGB")
 
 
 def parse_concepts(text: str, names: list[str]) -> dict[str, list[str]]:
@@ -228,9 +272,19 @@ class CLoRAComposer(Composer):
     config: CLoRAConfig
     requires_grad = True
 
-    def __init__(self, config: CLoRAConfig | None = None) -> None:
+    def __init__(self, config: CLoRAConfig | None = None, adapter_prompts: Mapping[str, str] | None = None) -> None:
         super().__init__(config)
+        self.adapter_prompts = dict(adapter_prompts or {})  # adapter name -> its concept word(s), 'red, car'
         self.masks: Tensor | None = None  # last step's branch masks [1 + N, h, w] at latent size (for previews)
+
+    def concepts_for(self, names: Sequence[str]) -> dict[str, list[str]]:
+        """Concept words per adapter: ``adapter_prompts`` where given, else the ``concepts`` setting."""
+        concepts = parse_concepts(self.config.concepts, list(names))
+        for name in names:
+            words = split_words(self.adapter_prompts.get(name, ""))
+            if words:
+                concepts[name] = words
+        return concepts
 
     def setup(self, ctx: StepContext) -> None:
         active = {n: w for n, w in ctx.weights.items() if w != 0.0}
@@ -253,7 +307,8 @@ class CLoRAComposer(Composer):
         store: list[Tensor] = []
         ctx.state.update(names=names, store=store, shape=shape, saved=None, tokens=[])
         if names:
-            concepts = parse_concepts(self.config.concepts, names)
+            concepts = self.concepts_for(names)
+            ctx.state["concepts"] = concepts
             ctx.state["tokens"] = [token_positions(ctx.pipe.tokenizer, ctx.prompt, concepts[n]) for n in names]
             saved = dict(unet.attn_processors)
             ctx.state["saved"] = saved
@@ -318,5 +373,6 @@ class CLoRAComposer(Composer):
         masks = build_masks(maps, [[]] + tokens, self.config.mask_threshold, self.config.overlap)
         masks = F.interpolate(masks[:, None], size=guided.shape[-2:], mode="nearest")  # [1 + N, 1, h, w]
         self.masks = masks[:, 0]
+        ctx.state["report"] = {"masks": self.masks, "branches": ["", *names], "concepts": ctx.state["concepts"]}
         weights = masks[:, None]  # broadcast over the batch and channel dims
         return (guided * weights).sum(0) / weights.sum(0).clamp_min(1e-12)

@@ -20,7 +20,9 @@ noise prediction minus the base model's, scored by the fraction of its spectral 
 ``low_frequency_ratio`` of the highest. The non-uniform schedule (c = 0) caches too (the reference caches only for
 c >= 2). All adapters' passes of one kind run in one batched UNet call with per-sample routing; each adapter runs
 at its slider weight. The reference's dead dominance decay and its step-120 constant are replaced by
-``background_after`` (a fraction of the steps).
+``background_after`` (a fraction of the steps). Shallow passes run the UNet's forward pre-hooks
+(``composition.unet_cache``), so adapters that read the timestep there (T-LoRA) use the current step's rank mask.
+The pass counts, the rotation and the measured scores are left in ``ctx.state["report"]``.
 """
 
 from __future__ import annotations
@@ -213,4 +215,6 @@ class CMLoRAComposer(Composer):
                     preds[refreshed] = self._full(ctx, unet_fn, [refreshed])[0]
                 guided = [ctx.guide(preds[n]) for n in names]
         shares = dominant_shares(len(names), state["dominant"], self.config.dominant_weighting)
+        state["report"] = {"full_passes": state["full_passes"], "shallow_passes": state["shallow_passes"],
+                           "rotation": list(state["rotation"]), "high_frequency": dict(state["scores"])}
         return combine(guided, shares)

@@ -227,3 +227,43 @@ def test_jobs_commands_and_device_workers(tmp_path: Path, models_dir: Path,
     assert all(j["worker_id"] is None or "/" in j["worker_id"] for j in listing.values())
     code, out, _ = run_main(["jobs", "list", *home], capsys)
     assert code == 0 and first in out and "succeeded" in out
+
+
+def test_adapters_export_and_import(home: CliHome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import torch
+
+    from core.io import load_safetensors
+
+    data = tmp_path / "home"
+    shutil.copytree(home.data, data)  # the module's data dir stays as the other tests expect it
+    monkeypatch.setenv("LORASTUDIO_HOME", str(data))
+    out = tmp_path / "out" / "disc.safetensors"
+    code, stdout, err = run_main(["adapters", "export", ADAPTER, str(out)], capsys)
+    assert code == 0, err
+    assert f"wrote {out} (kohya, 56 layers)" in stdout
+    tensors, header = load_safetensors(out)
+    assert all(k.startswith("lora_unet_") for k in tensors) and len(tensors) == 3 * 56
+    assert {v.dtype for k, v in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert header["ss_network_dim"] == "4" and header["ss_output_name"] == ADAPTER
+
+    code, stdout, err = run_main(["adapters", "import", str(out), "--name", "disc back"], capsys)
+    assert code == 0, err
+    assert "imported disc back (" in stdout and "kohya LoRA, 56 layers, rank 4" in stdout
+    entries = {e["name"]: e for e in json.loads(run_main(["adapters", "list", "--json"], capsys)[1])}
+    assert entries["disc back"]["method"] == "lora" and entries["disc back"]["trigger_words"] == ["sks"]
+
+    native = tmp_path / "native.safetensors"
+    assert run_main(["adapters", "export", "disc back", str(native), "--format", "native"], capsys)[0] == 0
+    assert load_safetensors(native)[1]["lorastudio.method"] == "lora"
+
+    pickle = tmp_path / "lora.ckpt"
+    torch.save({"x": torch.zeros(1)}, pickle)
+    code, _, err = run_main(["adapters", "import", str(pickle), "--name", "p"], capsys)
+    assert code == 2 and "pickles, which can run code" in err and "Traceback" not in err
+    code, _, err = run_main(["adapters", "import", str(out), "--name", "disc back"], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_main(["adapters", "export", "ghost", str(native)], capsys)
+    assert code == 2 and "no adapter with id or name 'ghost'" in err

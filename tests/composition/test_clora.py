@@ -91,3 +91,38 @@ def test_clora_refuses_missing_concept_and_restores(lora_pipe, lora_adapters) ->
     with pytest.raises(ValueError, match="not in the prompt"):
         sample(lora_pipe, CLoRAComposer(), lora_adapters, WEIGHTS, REQUEST)  # adapter names 'a'/'b' as words
     assert dict(lora_pipe.unet.attn_processors) == processors
+
+
+def test_adapter_prompts_override_the_concepts_setting(lora_pipe, lora_adapters) -> None:
+    from composition.methods.clora import split_words
+
+    assert split_words(" red, car ,") == ["red", "car"]
+    composer = CLoRAComposer(CLoRAComposer.config_cls.from_dict({"concepts": "cat; b=tree"}),
+                             adapter_prompts={"a": "dog"})
+    assert composer.concepts_for(["a", "b"]) == {"a": ["dog"], "b": ["tree"]}  # 'cat' (slot 1) is overridden
+    report: dict = {}
+    sample(lora_pipe, composer, lora_adapters, WEIGHTS, REQUEST, report=report)
+    assert report["branches"] == ["", "a", "b"] and report["concepts"] == {"a": ["dog"], "b": ["tree"]}
+    masks = report["masks"]
+    assert masks.shape == (3, 16, 16) and torch.equal(masks.sum(0), torch.ones(16, 16))
+    with pytest.raises(ValueError, match="'cat' is not in the prompt"):
+        sample(lora_pipe, CLoRAComposer(composer.config), lora_adapters, WEIGHTS, REQUEST)  # no override: 'cat'
+
+
+def test_region_overlay_paints_each_branch_in_its_colour() -> None:
+    from PIL import Image
+
+    from composition.methods.clora import region_colour, region_overlay
+
+    image = Image.new("RGB", (32, 32), (100, 100, 100))
+    masks = torch.zeros(3, 4, 4)
+    masks[0, :2], masks[1, 2:, :2], masks[2, 2:, 2:] = 1, 1, 1  # top: base, bottom left: 1, bottom right: 2
+    pixels = torch.tensor(list(region_overlay(image, masks, alpha=0.5).getdata())).view(32, 32, 3).float()
+
+    def expected(branch: int) -> torch.Tensor:
+        return ((torch.tensor(region_colour(branch)[1]) + 100) / 2).round()
+
+    assert torch.equal(pixels[0, 0], expected(0)) and torch.equal(pixels[31, 0], expected(1))
+    assert torch.equal(pixels[31, 31], expected(2)) and region_colour(1)[0] != region_colour(2)[0]
+    with pytest.raises(ValueError, match="branches, h, w"):
+        region_overlay(image, masks[0])

@@ -81,3 +81,110 @@ def test_cached_runs_shallow_passes_and_restores(lora_pipe, lora_adapters) -> No
     sequential = sample(lora_pipe, CMLoRAComposer.from_settings({"cache_interval": 2, "batched": False}),
                         lora_adapters, WEIGHTS, REQUEST)
     assert max_diff(batched, sequential) <= 1
+
+
+# ---------------------------------------------------------------------------------------- T-LoRA adapters --
+
+TLORA = "t"
+
+
+def sd_layout_pipe():
+    """The tiny pipeline with a UNet laid out like SD 1.5 (cross-attention in the first down and the last up
+    block), so the shallow pass of the cache runs attention layers and hence adapter layers."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from core.builtin import UNET_CONFIG, build_pipeline
+    from tests.composition.conftest import quiet
+
+    pipe = build_pipeline()
+    config = {**UNET_CONFIG, "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**config)
+    return quiet(StableDiffusionPipeline(**{**pipe.components, "unet": unet}))
+
+
+@pytest.fixture(scope="module")
+def tlora_pipe():
+    """An SD-layout pipeline with LoRA ``a`` and a real T-LoRA ``t`` (random weights, rank 8 down to 1), attached
+    the way generation attaches files: a peft adapter whose rank mask follows the timestep the UNet's pre-hook
+    sees."""
+    from tests.composition.conftest import add_lora
+    from training.methods.tlora import TLoRA, TLoRAConfig
+
+    pipe = sd_layout_pipe()
+    assert cache_unsupported_reason(pipe.unet) is None
+    method = TLoRA(TLoRAConfig(rank=8, min_rank=1))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in method.inject(pipe.unet):
+            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    tensors, metadata = method.adapter_state_dict(), method.adapter_metadata()
+    method.remove()
+    TLoRA.attach(pipe, tensors, metadata, TLORA)
+    add_lora(pipe, "a", 11)
+    return pipe
+
+
+def _clock(unet):
+    from training.methods.tlora import _CLOCK_ATTR
+
+    return unet.__dict__[_CLOCK_ATTR]
+
+
+def test_shallow_pass_uses_the_current_timestep_for_tlora(tlora_pipe) -> None:
+    from tests.composition.conftest import set_lora
+
+    unet = tlora_pipe.unet
+    set_lora(tlora_pipe, {TLORA: 1.0})
+    gen = torch.Generator().manual_seed(1)
+    x, ehs = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 64, generator=gen)
+    feats: list[torch.Tensor] = []
+    with torch.inference_mode():
+        with capture_deep_feature(unet, feats):
+            full = unet(x, 100, encoder_hidden_states=ehs).sample
+        other = unet(x, 900, encoder_hidden_states=ehs).sample  # the last full call ran at another timestep
+        shallow = shallow_forward(unet, x, torch.tensor(100), ehs, feats[0])
+    assert (other - full).abs().max() > 1e-3  # the rank mask matters at these timesteps
+    torch.testing.assert_close(shallow, full)
+    assert _clock(unet).timesteps.tolist() == [100]
+
+
+def test_cmlora_with_tlora_masks_every_pass_with_its_step(tlora_pipe) -> None:
+    from tests.composition.conftest import PeftAdapterSet
+
+    unet = tlora_pipe.unet
+    adapters = PeftAdapterSet(tlora_pipe, ["a", TLORA])
+    weights = {"a": 1.0, TLORA: 0.9}
+    assert not adapters.can_route(weights)  # T-LoRA is refused by routing: the composer falls back
+    uncached = sample(tlora_pipe, CMLoRAComposer.from_settings({"cache_interval": 1, "use_cache": False}), adapters,
+                      weights, REQUEST)
+    assert max_diff(sample(tlora_pipe, CMLoRAComposer.from_settings({"cache_interval": 1}), adapters, weights,
+                           REQUEST), uncached) == 0
+
+    seen: list[tuple[int, float]] = []
+    step = [0]
+    last = f"up_blocks.{len(unet.up_blocks) - 1}."  # runs in full and in shallow passes
+    lora_a = next(m.lora_A[TLORA] for n, m in unet.named_modules() if n.startswith(last) and n.endswith("attn1.to_q"))
+    handle = lora_a.register_forward_hook(lambda *_: seen.append((step[0], float(_clock(unet).timesteps[0]))))
+    composer = CMLoRAComposer.from_settings({"cache_interval": 3})
+    try:
+        report: dict = {}
+        cached = sample(tlora_pipe, composer, adapters, weights, REQUEST, report=report,
+                        on_step=lambda i, _: step.__setitem__(0, i + 1))
+    finally:
+        handle.remove()
+    timesteps = [float(t) for t in make_timesteps(tlora_pipe, REQUEST.steps)]
+    assert report["shallow_passes"] > 0 and report["full_passes"] > 0
+    assert {s for s, _ in seen} == set(range(REQUEST.steps))
+    assert all(t == timesteps[s] for s, t in seen), seen  # shallow passes no longer see the previous step's mask
+    assert max_diff(cached, uncached) > 0  # caching is an approximation, but it ran
+
+
+def make_timesteps(pipe, steps: int) -> list:
+    from composition.sampler import make_scheduler
+
+    scheduler = make_scheduler(pipe)
+    scheduler.set_timesteps(steps)
+    return list(scheduler.timesteps)

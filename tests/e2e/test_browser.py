@@ -106,3 +106,25 @@ def test_train_find_and_generate(page: Page, tmp_path: Path, screenshots: Path) 
     expect(page.locator("#gen-status")).to_contain_text("1 adapter(s)")
     expect(page.locator("#gen-history img").first).to_be_visible()
     page.screenshot(path=str(screenshots / "5-generated.png"), full_page=True)
+
+
+def test_composer_settings_follow_the_composer(page: Page, screenshots: Path) -> None:
+    open_tab(page, "Generate")
+    page.locator("#gen-composer-settings").get_by_text("Composer settings").click()
+    expect(page.locator("#gen-setting-normalize")).to_be_visible()  # merge's settings
+    expect(page.locator("#gen-setting-interval")).to_have_count(0)
+    expect(page.locator("#gen-concept-0")).to_be_hidden()
+    expect(page.locator("#gen-regions")).to_be_hidden()
+
+    pick_option(page, "gen-composer", "switch")
+    expect(page.locator("#gen-setting-interval input[type=number]")).to_have_value("5")  # the documented default
+    expect(page.locator("#gen-setting-order")).to_be_visible()
+    expect(page.locator("#gen-setting-normalize")).to_have_count(0)
+    expect(page.locator("#gen-composer-settings")).to_contain_text("Steps each adapter stays active")  # help text
+
+    pick_option(page, "gen-composer", "clora")
+    expect(page.locator("#gen-setting-concepts")).to_be_visible()
+    expect(page.locator("#gen-setting-overlap")).to_be_visible()
+    expect(page.locator("#gen-concept-0")).to_be_visible()
+    expect(page.locator("#gen-regions")).to_be_visible()
+    page.screenshot(path=str(screenshots / "6-composer-settings.png"), full_page=True)

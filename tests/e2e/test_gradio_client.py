@@ -158,3 +158,29 @@ def test_concurrent_generations_get_their_own_results(server: Server, trained: s
         assert record["seed"] == 3
         assert [a["weight"] for a in record["adapters"]] == [weight], "a caller got another caller's image"
     assert not np.array_equal(pixels[0], pixels[1]), "adapter weights -2 and 2 gave identical images"
+
+
+NO_CONCEPTS = ("", "", "", "")
+
+
+def test_compare_composers_grid(client: Client, trained: str, server: Server) -> None:
+    composers = ["merge", "switch", "composite"]
+    gallery, status = client.predict("a photo of zqx disc", "", 7, GEN_STEPS, 7.5, "merge", trained, *NO_ADAPTERS,
+                                     0.8, *UNIT_WEIGHTS, *NO_CONCEPTS, composers, api_name="/compare")
+    assert "compared 3 composer(s)" in status, status
+    assert [item["caption"].split(" · ")[0] for item in gallery] == composers
+    paths = []
+    for item, name in zip(gallery, composers):
+        image = item["image"]
+        path = image if isinstance(image, str) else image["path"]
+        assert_png(path)
+        record = image_record(server, path)
+        assert record["composer"] == name and record["seed"] == 7
+        assert [(a["adapter"], a["weight"]) for a in record["adapters"]] == [(trained, 0.8)]
+        seconds = record["params"]["sample_seconds"]
+        assert item["caption"] == f"{name} · {seconds:.2f} s"
+        paths.append(path)
+    assert len({Path(p).stem for p in paths}) == 3
+    with pytest.raises(AppError, match="at least one composer"):
+        client.predict("a disc", "", 0, GEN_STEPS, 7.5, "merge", *NO_ADAPTERS, None, *UNIT_WEIGHTS, 1.0,
+                       *NO_CONCEPTS, [], api_name="/compare")
