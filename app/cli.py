@@ -284,7 +284,7 @@ def _with_concepts(adapters: list, concepts: list[str]) -> tuple:
 def _write_result(services, job_id: str, out: Path) -> None:
     image = services.generation.get_image(services.jobs.get(job_id).result_ref)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(Path(services.settings.artifacts_dir, image.path).read_bytes())
+    out.write_bytes(services.catalog.artifact_path(image.path).read_bytes())
     notes = "".join(f" ({note})" for note in image.notes)
     print(f"wrote {out} ({image.composer}, {image.params.get('sample_seconds', image.params.get('seconds'))} s)"
           f"{notes}")

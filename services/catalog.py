@@ -62,6 +62,10 @@ class CatalogService:
             self._store.remove(relpath)
         return len(removed)
 
+    def artifact_path(self, relpath: str) -> Path:
+        """The local file of a catalog path (preview, image), fetched first when the store is shared."""
+        return self._store.resolve(relpath)
+
     def adapter_file(self, adapter_id: str) -> Path:
         """The adapter's ``.safetensors`` file, for download."""
         with self._sessions.begin() as session:

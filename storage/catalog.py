@@ -335,11 +335,13 @@ def purge_deleted(session: Session, older_than: datetime | timedelta) -> list[st
 
 def _adapter_entry(item: Mapping[str, Any] | AdapterWeight) -> dict[str, Any]:
     if isinstance(item, AdapterWeight):
-        return {"adapter": item.adapter, "name": item.adapter, "weight": float(item.weight)}
+        entry = {"adapter": item.adapter, "name": item.adapter, "weight": float(item.weight)}
+        return entry | ({"prompt": item.prompt} if item.prompt else {})
     if "adapter" not in item:
         raise ValueError(f"an image's adapter entry needs an 'adapter' id: {dict(item)!r}")
     adapter = str(item["adapter"])
-    return {"adapter": adapter, "name": str(item.get("name") or adapter), "weight": float(item.get("weight", 1.0))}
+    entry = {"adapter": adapter, "name": str(item.get("name") or adapter), "weight": float(item.get("weight", 1.0))}
+    return entry | ({"prompt": str(item["prompt"])} if item.get("prompt") else {})
 
 
 def add_image(
@@ -439,7 +441,8 @@ def image_info(row: GeneratedImageRow) -> ImageInfo:
         prompt=row.prompt,
         negative_prompt=row.negative_prompt,
         seed=row.seed,
-        adapters=tuple(AdapterWeight(adapter=a["adapter"], weight=float(a.get("weight", 1.0))) for a in row.adapters),
+        adapters=tuple(AdapterWeight(adapter=a["adapter"], weight=float(a.get("weight", 1.0)),
+                                     prompt=str(a.get("prompt") or "")) for a in row.adapters),
         composer=row.composer,
         params=dict(row.params or {}),
         job_id=row.job_id,

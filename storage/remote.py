@@ -316,6 +316,12 @@ class MirroredArtifactStore(ArtifactStore):
         self._publish_files([rel, rel[: -len(".png")] + ".json"])
         return rel, sha
 
+    def write_image_regions(self, image_rel: str, png_bytes: bytes) -> str:
+        """As the base store, then published (the CLoRA region preview of a generated image)."""
+        rel = super().write_image_regions(image_rel, png_bytes)
+        self._publish_files([rel])
+        return rel
+
     # deletion ---------------------------------------------------------------------------------------------
 
     def remove_adapter(self, adapter_id: str) -> bool:

@@ -59,7 +59,7 @@ def render(services: Services, placeholder: str) -> GalleryTab:
 
     def load(query: str, trash: bool):
         adapters = services.catalog.list_adapters(search=query or None, include_deleted=trash)
-        items = [((services.settings.artifacts_dir / a.preview_paths[0]).as_posix()
+        items = [(services.catalog.artifact_path(a.preview_paths[0]).as_posix()
                   if a.preview_paths else placeholder, adapter_caption(a)) for a in adapters]
         return items, [a.id for a in adapters]
 

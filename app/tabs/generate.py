@@ -105,7 +105,7 @@ def render(services: Services) -> GenerateTab:
         last_image = gr.State(None)
 
     def path_of(rel: str) -> str:
-        return (services.settings.artifacts_dir / rel).as_posix()
+        return services.catalog.artifact_path(rel).as_posix()
 
     def adapter_choices():
         choices = [(f"{a.name} ({a.method})", a.id) for a in services.catalog.list_adapters()]

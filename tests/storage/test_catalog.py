@@ -190,7 +190,7 @@ def test_images(populated) -> None:
         base = utcnow()
         for i in range(4):
             adapters = [{"adapter": corgi.id, "name": corgi.name, "weight": 0.8}] if i % 2 == 0 else []
-            adapters.append(AdapterWeight(style.id, 0.5))
+            adapters.append(AdapterWeight(style.id, 0.5, prompt="watercolor" if i == 3 else ""))
             catalog.add_image(
                 session,
                 id=f"img{i}",
@@ -208,6 +208,8 @@ def test_images(populated) -> None:
     with populated() as session:
         assert [r.id for r in catalog.list_images(session)] == ["img3", "img2", "img1", "img0"]
         assert [r.id for r in catalog.list_images(session, limit=2)] == ["img3", "img2"]
+        words = [a.prompt for a in catalog.image_info(catalog.get_image(session, "img3")).adapters]
+        assert words == ["watercolor"]  # a CLoRA concept word survives the round trip
         assert [r.id for r in catalog.list_images(session, adapter_id=corgi_id)] == ["img2", "img0"]
         assert [r.id for r in catalog.list_images(session, limit=1, adapter_id=corgi_id)] == ["img2"]
         assert catalog.list_images(session, adapter_id="nobody") == []
