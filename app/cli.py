@@ -403,10 +403,23 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         services.close()
 
 
+def _import_adapter(services, args: argparse.Namespace) -> int:
+    """Queue an ``import`` job for the file and run it here (unless another worker took it first)."""
+    job = services.interchange.submit_import(args.file, name=args.name, kind=args.kind, trigger=args.trigger,
+                                             base=args.base, alpha=args.alpha)
+    code = _follow(services, job.id, f"import {job.payload['name']}")
+    if code == 0:
+        adapter = services.catalog.get_adapter(services.jobs.get(job.id).result_ref)
+        config = adapter.training_config
+        print(f"imported {adapter.name} ({adapter.id}): {config['format']} LoRA, {config['layers']} layers, "
+              f"rank {adapter.rank}")
+    return code
+
+
 def cmd_adapters(args: argparse.Namespace) -> int:
     from services.container import build_services
 
-    services = build_services(_settings(args), worker_suffix="cli")
+    services = build_services(_settings(args), worker_suffix=f"cli-{os.getpid()}")
     try:
         if args.adapters_command == "export":
             result = services.interchange.export_adapter(args.adapter, args.out, fmt=args.format,
@@ -417,13 +430,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             print(f"wrote {result.path} ({result.format}{layers})")
             return 0
         if args.adapters_command == "import":
-            adapter = services.interchange.import_adapter(args.file, name=args.name, kind=args.kind,
-                                                          trigger_word=args.trigger, base_model=args.base,
-                                                          alpha=args.alpha)
-            config = adapter.training_config
-            print(f"imported {adapter.name} ({adapter.id}): {config['format']} LoRA, {config['layers']} layers, "
-                  f"rank {adapter.rank}")
-            return 0
+            return _import_adapter(services, args)
         adapters = services.catalog.list_adapters(search=args.search)
         if args.json:
             print(json.dumps([{"id": a.id, "name": a.name, "method": a.method, "kind": a.kind,

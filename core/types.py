@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-JobKind = Literal["train", "generate"]
+JobKind = Literal["train", "generate", "import"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 ConceptKind = Literal["subject", "style", "motion"]
 

@@ -76,7 +76,8 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
     interchange = InterchangeService(sessions, store, runtime, settings.base_model)
     worker = Worker(
         sessions,
-        {"train": training.run_train_job, "generate": generation.run_generate_job},
+        {"train": training.run_train_job, "generate": generation.run_generate_job,
+         "import": interchange.run_import_job},
         worker_id=settings.worker_id or default_worker_id(worker_suffix),
         lease_seconds=settings.lease_seconds,
         heartbeat_seconds=settings.heartbeat_seconds,
@@ -113,9 +114,11 @@ def build_device_workers(services: Services, devices: list[str], memory_gb: floa
         training = TrainingService(services.sessions, store, runtime, services.datasets.training_records,
                                    settings.base_model)
         generation = GenerationService(services.sessions, store, runtime, settings.base_model)
+        interchange = InterchangeService(services.sessions, store, runtime, settings.base_model)
         worker = Worker(
             services.sessions,
-            {"train": training.run_train_job, "generate": generation.run_generate_job},
+            {"train": training.run_train_job, "generate": generation.run_generate_job,
+             "import": interchange.run_import_job},
             worker_id=f"{base_id}/{index}:{placement.device}",
             lease_seconds=settings.lease_seconds,
             heartbeat_seconds=settings.heartbeat_seconds,

@@ -1,12 +1,16 @@
 """Use cases: export a catalog adapter as a kohya ``.safetensors`` file, import a kohya/diffusers/peft LoRA file.
 
 The tensor conversion is ``training.interchange``; this module reads and writes the files and the catalog.
-Formats: ``docs/formats.md``.
+An import is a queued job (kind ``import``): :meth:`InterchangeService.submit_import` checks what needs no model
+and stores the upload under ``jobs/<id>/``, the worker that owns the device runs
+:meth:`InterchangeService.run_import_job`. Formats: ``docs/formats.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import re
 import tempfile
 import uuid
@@ -17,22 +21,25 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 import training.methods  # noqa: F401  (registers every training method)
-from core.io import BadWeightsFile, atomic_write_bytes, load_safetensors
-from core.types import CONCEPT_KINDS, AdapterInfo
+from core.io import BadWeightsFile, atomic_write_bytes, load_safetensors, sha256_file
+from core.types import CONCEPT_KINDS, AdapterInfo, JobInfo
 from services.runtime import ModelRuntime
-from storage import catalog
+from services.worker import JobReporter
+from storage import catalog, jobs
 from storage.artifacts import ArtifactStore
-from storage.db import writing
+from storage.db import new_id, writing
 from storage.uploads import sanitize_filename
 from training.artifact import adapter_file_metadata
 from training.base import METHODS
-from training.interchange import PRECISIONS, ExportInfo, header_hints, import_lora, kohya_file_bytes
+from training.interchange import PRECISIONS, ExportInfo, detect_format, header_hints, import_lora, kohya_file_bytes
 
 EXPORT_FORMATS = ("kohya", "native")
 MAX_IMPORT_BYTES = 2 * 2**30  # the largest LoRA file accepted (an SDXL LoRA of rank 256 in fp16 is about 1.7 GiB)
 _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")  # the same rule as names of trained adapters
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 _PICKLE_MAGICS = (b"\x80", b"PK\x03\x04")  # a raw pickle, or the zip container of torch.save
+IMPORT_FILE = "import.safetensors"  # an import job's copy of the upload, under jobs/<job id>/
+_ADAPTER_IDS = uuid.UUID("0b7f3f52-58a4-4d1e-9a55-6c1f0e2d8b17")  # namespace of adapter ids derived from job ids
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,47 @@ def _sniff(path: Path, display_name: str, max_bytes: int) -> None:
                          "not opened")
     if len(head) < 9 or head[8:9] != b"{":
         raise ValueError(f"{display_name}: not a valid .safetensors file")
+
+
+def _read_header(path: Path, shown: str) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of a ``.safetensors`` file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return list(fh.keys()), dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for a bad header
+        raise ValueError(f"{shown}: not a valid .safetensors file ({exc})") from None
+
+
+def _base_hint(hints: dict[str, Any], base: str) -> str:
+    other = hints.get("base_model")
+    if other and other != base:
+        return f" (the file says it was made for base model {other!r}; this import checked it against {base!r})"
+    return ""
+
+
+@dataclass(frozen=True)
+class _ImportPlan:
+    """An import's settings, decided before any model is loaded; an import job's payload holds them."""
+
+    shown: str  # the sanitized file name, only ever shown
+    name: str
+    kind: str
+    triggers: list[str]
+    base: str
+    alpha: float | None
+    steps: int
+    base_hint: str = ""
+
+    def payload(self) -> dict[str, Any]:
+        return {"file_name": self.shown, "name": self.name, "kind": self.kind, "trigger_words": self.triggers,
+                "base_model": self.base, "alpha": self.alpha, "steps": self.steps, "base_hint": self.base_hint}
+
+    @classmethod
+    def from_payload(cls, p: dict[str, Any]) -> _ImportPlan:
+        return cls(p["file_name"], p["name"], p["kind"], list(p["trigger_words"]), p["base_model"], p["alpha"],
+                   int(p["steps"]), p.get("base_hint", ""))
 
 
 class InterchangeService:
@@ -166,7 +214,8 @@ class InterchangeService:
     def import_adapter(self, path: str | Path, *, name: str | None = None, kind: str | None = None,
                        trigger_word: str | None = None, base_model: str | None = None, alpha: float | None = None,
                        display_name: str | None = None) -> AdapterInfo:
-        """Check a kohya/diffusers/peft LoRA file against the base model and add it to the catalog as a ``lora``.
+        """Check a kohya/diffusers/peft LoRA file against the base model and add it to the catalog as a ``lora``,
+        here and now (the web app and the CLI queue an ``import`` job instead: :meth:`submit_import`).
 
         ``display_name`` is the name the user knows the file by (an upload's original name); it is only ever
         sanitized and shown, never used as a path. Unset ``kind``/``trigger_word`` come from the file's header
@@ -180,6 +229,94 @@ class InterchangeService:
             tensors, metadata = load_safetensors(source)
         except BadWeightsFile as exc:
             raise ValueError(f"{shown}: not a valid .safetensors file ({exc.__cause__ or exc})") from None
+        plan = self._plan(shown, metadata, name, kind, trigger_word, base_model, alpha)
+        self._check_name_free(plan.name)
+        imported, config = self._convert(tensors, metadata, plan)
+        return self._record(uuid.uuid4().hex, imported, config, plan)
+
+    def submit_import(self, file_path: str | Path, *, name: str | None, kind: str | None = None,
+                      trigger: str | None = None, base: str | None = None, alpha: float | None = None,
+                      priority: int = 1, display_name: str | None = None) -> JobInfo:
+        """Check everything that needs no model, store a copy of the file and queue an ``import`` job.
+
+        The copy goes to ``jobs/<job id>/import.safetensors`` before the job row is committed, under the id the
+        row will get; if either step fails, neither is left behind. The job's payload holds the settings, the
+        sanitized file name and the copy's sha256. Refusals raise ``ValueError`` naming the problem.
+        """
+        source = Path(file_path)
+        shown = sanitize_filename(display_name or source.name)
+        _sniff(source, shown, self._max_import_bytes)
+        keys, metadata = _read_header(source, shown)
+        try:
+            fmt = detect_format(keys)
+        except ValueError as exc:
+            raise ValueError(f"{shown}: {exc}") from None
+        plan = self._plan(shown, metadata, name, kind, trigger, base, alpha)
+        self._runtime.resolve(plan.base)  # a missing base fails now, not in the worker
+        self._check_name_free(plan.name)
+        job_id = new_id()
+        try:
+            rel, sha256 = self._store.write_job_file(job_id, IMPORT_FILE, source)
+            payload = {**plan.payload(), "file": rel, "sha256": sha256,
+                       "size": self._store.resolve(rel).stat().st_size, "format": fmt}
+            with writing(self._sessions) as session:
+                self._check_name_free(plan.name, session)
+                row = jobs.enqueue(session, "import", payload, title=f"import {plan.name} ({fmt} LoRA)",
+                                   priority=priority, job_id=job_id)
+                return jobs.job_info(row)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the original error matters more than a failed clean-up
+                self._store.remove(f"jobs/{job_id}")  # never keep an upload no job points to
+            raise
+
+    def run_import_job(self, job: JobInfo, reporter: JobReporter) -> str | None:
+        """The worker's side of :meth:`submit_import`: convert the stored file, record the adapter, finish the job.
+
+        A refusal (keys that do not fit the base model, NaNs, a changed file ...) fails the job with the reason
+        as its error and leaves no adapter files behind. The adapter id is derived from the job id, so files left
+        by an attempt that crashed before its catalog row was committed are replaced by the rerun.
+        """
+        plan = _ImportPlan.from_payload(job.payload)
+        reporter.progress(0, 3, message="reading the file", force=True)
+        try:
+            tensors, metadata = self._stored_upload(job)
+            reporter.check_cancel()
+            reporter.progress(1, 3, message=f"checking its layers against {plan.base}", force=True)
+            imported, config = self._convert(tensors, metadata, plan)
+        except ValueError as exc:
+            with writing(self._sessions) as session:
+                jobs.fail(session, job.id, str(exc), worker_id=reporter.worker_id)
+            return None
+        del tensors
+        reporter.check_cancel()
+        reporter.progress(2, 3, message="saving the adapter", force=True)
+        adapter_id = uuid.uuid5(_ADAPTER_IDS, job.id).hex
+        with self._sessions() as session:
+            if catalog.find_adapter(session, adapter_id) is None:
+                self._store.remove_adapter(adapter_id)  # a crashed attempt's files
+        self._record(adapter_id, imported, config, plan, job_id=job.id, worker_id=reporter.worker_id)
+        with contextlib.suppress(OSError):
+            self._store.remove(f"jobs/{job.id}/{IMPORT_FILE}")  # the adapter holds the tensors now
+        return adapter_id
+
+    def _stored_upload(self, job: JobInfo) -> tuple[dict, dict[str, str]]:
+        rel = f"jobs/{job.id}/{IMPORT_FILE}"
+        path = self._store.resolve(rel)
+        shown = job.payload.get("file_name", IMPORT_FILE)
+        if not path.is_file():
+            raise ValueError(f"{shown}: the uploaded copy {rel} is gone; import the file again")
+        if sha256_file(path) != job.payload.get("sha256"):
+            raise ValueError(f"{shown}: the uploaded copy {rel} changed since it was queued; import the file again")
+        try:
+            return load_safetensors(path)
+        except BadWeightsFile as exc:
+            raise ValueError(f"{shown}: not a valid .safetensors file ({exc.__cause__ or exc})") from None
+
+    # shared steps ---------------------------------------------------------------------------------------------
+
+    def _plan(self, shown: str, metadata: dict[str, str], name: str | None, kind: str | None,
+              trigger_word: str | None, base_model: str | None, alpha: float | None) -> _ImportPlan:
+        """The import's settings: what was asked for, else what the file's header says, else the defaults."""
         hints = header_hints(metadata)
         name = _check_name(name if name and name.strip() else _default_name(shown))
         triggers = [trigger_word.strip()] if trigger_word and trigger_word.strip() else hints.get("trigger_words", [])
@@ -188,46 +325,60 @@ class InterchangeService:
             raise ValueError(f"kind must be one of {', '.join(CONCEPT_KINDS)}, got {kind!r}")
         if kind == "subject" and not triggers:
             raise ValueError("a subject needs a trigger word (a rare token such as 'sks') to call it up in prompts")
+        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         base = (base_model or self._default_base).strip()
-        with self._sessions.begin() as session:
-            if catalog.find_adapter(session, name) is not None:
-                raise ValueError(f"an adapter named {name!r} already exists; pick another name")
+        return _ImportPlan(shown, name, kind, list(triggers), base, None if alpha is None else float(alpha),
+                           int(hints.get("steps", 0)), _base_hint(hints, base))
+
+    def _check_name_free(self, name: str, session: Session | None = None) -> None:
+        if session is None:
+            with self._sessions.begin() as session:
+                self._check_name_free(name, session)
+            return
+        if catalog.find_adapter(session, name) is not None:
+            raise ValueError(f"an adapter named {name!r} already exists; pick another name")
+
+    def _convert(self, tensors: dict, metadata: dict[str, str], plan: _ImportPlan) -> tuple[Any, dict[str, Any]]:
+        """The file in the ``lora`` method's format, checked against the base model, and its catalog config."""
         with self._runtime.lock:
-            pipe = self._runtime.pipeline(base)
+            pipe = self._runtime.pipeline(plan.base)
             try:
-                imported = import_lora(tensors, metadata, pipe, alpha=alpha)
+                imported = import_lora(tensors, metadata, pipe, alpha=plan.alpha)
             except ValueError as exc:
-                raise ValueError(f"{shown}: {exc}{self._base_hint(hints, base)}") from None
-        config: dict[str, Any] = {"imported_from": shown, "format": imported.format, "rank": imported.rank,
+                raise ValueError(f"{plan.shown}: {exc}{plan.base_hint}") from None
+        config: dict[str, Any] = {"imported_from": plan.shown, "format": imported.format, "rank": imported.rank,
                                   "alpha": imported.alpha, "layers": imported.layers}
         if metadata.get("lorastudio.method"):
             config["source_method"] = metadata["lorastudio.method"]
-        return self._save(imported, config, name=name, kind=kind, triggers=triggers, base=base,
-                          steps=int(hints.get("steps", 0)))
+        return imported, config
 
-    @staticmethod
-    def _base_hint(hints: dict[str, Any], base: str) -> str:
-        other = hints.get("base_model")
-        if other and other != base:
-            return f" (the file says it was made for base model {other!r}; this import checked it against {base!r})"
-        return ""
-
-    def _save(self, imported, config: dict[str, Any], *, name: str, kind: str, triggers: list[str], base: str,
-              steps: int) -> AdapterInfo:
-        adapter_id = uuid.uuid4().hex
-        base_hash = self._runtime.base_hash(base)
-        metadata = adapter_file_metadata("lora", config, base, base_hash, triggers, kind, steps,
+    def _record(self, adapter_id: str, imported, config: dict[str, Any], plan: _ImportPlan,
+                job_id: str | None = None, worker_id: str | None = None) -> AdapterInfo:
+        """Write the adapter's files and its catalog row; with ``job_id`` the job is finished in the same
+        transaction (a name taken meanwhile then gets a suffix, as a trained adapter's does)."""
+        base_hash = self._runtime.base_hash(plan.base)
+        metadata = adapter_file_metadata("lora", config, plan.base, base_hash, plan.triggers, plan.kind, plan.steps,
                                          method_metadata=imported.metadata)
-        manifest = {"id": adapter_id, "name": name, "method": "lora", "kind": kind, "base_model": base,
-                    "base_model_hash": base_hash, "trigger_words": triggers, "rank": imported.rank,
-                    "training_config": config, "steps": steps, "dataset_id": None, "job_id": None}
+        manifest = {"id": adapter_id, "name": plan.name, "method": "lora", "kind": plan.kind,
+                    "base_model": plan.base, "base_model_hash": base_hash, "trigger_words": plan.triggers,
+                    "rank": imported.rank, "training_config": config, "steps": plan.steps, "dataset_id": None,
+                    "job_id": job_id}
         written = self._store.write_adapter(adapter_id, imported.tensors, metadata, config, manifest)
         try:
             with writing(self._sessions) as session:
-                row = catalog.add_adapter(session, id=adapter_id, name=name, method="lora", kind=kind,
-                                          base_model=base, base_model_hash=base_hash, trigger_words=triggers,
-                                          rank=imported.rank, training_config=config, steps=steps,
-                                          sha256=written.sha256, file_size=written.size, file_path=written.path)
+                name = plan.name
+                if job_id is None:
+                    self._check_name_free(name, session)
+                elif catalog.find_adapter(session, name) is not None:
+                    name = f"{name}-{adapter_id[:6]}"
+                row = catalog.add_adapter(session, id=adapter_id, name=name, method="lora", kind=plan.kind,
+                                          base_model=plan.base, base_model_hash=base_hash,
+                                          trigger_words=plan.triggers, rank=imported.rank, training_config=config,
+                                          steps=plan.steps, sha256=written.sha256, file_size=written.size,
+                                          file_path=written.path, job_id=job_id)
+                if job_id is not None:
+                    jobs.finish(session, job_id, result_ref=adapter_id, worker_id=worker_id)
                 return catalog.adapter_info(row)
         except BaseException:
             self._store.remove_adapter(adapter_id)  # never leave files the catalog does not know

@@ -5,7 +5,7 @@ Layout::
     datasets/<id>/<nnnn>.png, captions.jsonl
     adapters/<id>/adapter.safetensors, adapter_config.json, manifest.json, previews/<n>.png
     images/<YYYY-MM-DD>/<id>.png, <id>.json          (the .json sidecar is the image's catalog record)
-    jobs/<id>/checkpoints/, previews/
+    jobs/<id>/checkpoints/, previews/, and the job's input files (import.safetensors)
 
 Files are the source of truth and the database is an index: :meth:`ArtifactStore.reindex` rebuilds missing
 adapter and image rows from the manifests and sidecars. Every write is atomic (temp file + rename); an adapter
@@ -15,6 +15,7 @@ Temp names start with "." and end with ``.tmp`` (or ``.trash`` for folders being
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.io import atomic_write_bytes, atomic_write_json, fsync_dir, save_safetensors, sha256_file
+from core.io import atomic_write_bytes, atomic_write_json, atomic_writer, fsync_dir, save_safetensors, sha256_file
 from storage import catalog
 from storage.db import utcnow
 from storage.models import AdapterRow, DatasetRow, GeneratedImageRow, JobRow
@@ -45,6 +46,7 @@ MANIFEST_VERSION = 1
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _TEMP_SUFFIXES = (".tmp", ".trash")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # one plain file name (no folders, not hidden)
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,18 @@ class ArtifactStore:
         (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
         (folder / "previews").mkdir(parents=True, exist_ok=True)
         return folder
+
+    def write_job_file(self, job_id: str, name: str, source: str | os.PathLike[str]) -> tuple[str, str]:
+        """Copy ``source`` (streamed, atomically) to ``jobs/<id>/<name>``, a job's input; (relative path, sha256)."""
+        if not _FILE_NAME.match(name):
+            raise ValueError(f"invalid job file name {name!r}")
+        rel = f"jobs/{_check_id(job_id, 'job id')}/{name}"
+        digest = hashlib.sha256()
+        with open(source, "rb") as src, atomic_writer(self._path(rel)) as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        return rel, digest.hexdigest()
 
     def publish_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Share a finished training checkpoint folder with other hosts; nothing to do for a local store."""

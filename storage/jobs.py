@@ -32,8 +32,10 @@ RETRYABLE_STATUSES: tuple[str, ...] = ("failed", "cancelled", "interrupted")
 
 
 def enqueue(session: Session, kind: str, payload: dict[str, Any], title: str, priority: int = 0,
-            max_attempts: int = 3) -> JobRow:
+            max_attempts: int = 3, job_id: str | None = None) -> JobRow:
     """Queue a job; higher ``priority`` runs first, then oldest first.
+
+    ``job_id`` (default: a fresh one) lets a caller store the job's input files under ``jobs/<id>/`` first.
 
     ``payload["min_gpu_memory_gb"]`` (optional) routes the job to devices with at least that much memory.
     """
@@ -51,6 +53,8 @@ def enqueue(session: Session, kind: str, payload: dict[str, Any], title: str, pr
             raise ValueError(f"min_gpu_memory_gb must be a non-negative number, got {min_memory!r}")
     row = JobRow(kind=kind, payload=dict(payload), title=title, priority=int(priority), status="queued",
                  max_attempts=int(max_attempts), min_memory_gb=min_memory, log=[])
+    if job_id is not None:
+        row.id = job_id
     session.add(row)
     session.flush()
     return row

@@ -417,6 +417,12 @@ class MirroredArtifactStore(ArtifactStore):
             raise
         return True
 
+    def write_job_file(self, job_id: str, name: str, source: str | os.PathLike[str]) -> tuple[str, str]:
+        """As the base store, then published so that a worker on another host can fetch it."""
+        rel, sha = super().write_job_file(job_id, name, source)
+        self._publish_files([rel])
+        return rel, sha
+
     def publish_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Upload the finished checkpoint folder ``jobs/<id>/checkpoints/step-NNNNNN`` and delete the remote
         checkpoints of that job that the trainer already pruned locally (older ones only)."""

@@ -1,8 +1,9 @@
 """Gallery tab: adapter cards with previews and metadata; search, tags, rename, delete/restore, download, kohya
-export, and import of kohya/diffusers/peft LoRA files."""
+export, and import of kohya/diffusers/peft LoRA files (queued as an ``import`` job and followed to its end)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -10,6 +11,8 @@ import gradio as gr
 from app.formatting import adapter_caption, adapter_detail_md
 from app.widgets import error
 from services.container import Services
+
+POLL_SECONDS = 0.25  # how often a running import job is looked at
 
 
 @dataclass(frozen=True)
@@ -87,17 +90,27 @@ def render(services: Services, placeholder: str) -> GalleryTab:
         return gr.update(visible=True, value=str(result.path), label=label)
 
     def import_file(path: str | None, name: str, kind: str, trigger: str):
+        """Queue an import job for the upload, then follow it until the worker is done with it."""
         if not path:
             raise gr.Error("choose a .safetensors LoRA file first")
         try:
-            adapter = services.interchange.import_adapter(
+            job = services.interchange.submit_import(
                 path, name=name.strip() or None, kind=None if kind == "from file" else kind,
-                trigger_word=trigger.strip() or None)
+                trigger=trigger.strip() or None)
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise error(exc) from None
+        services.worker.wake()
+        yield f"queued import job `{job.id[:8]}`…", gr.update()
+        while not (final := services.jobs.get(job.id)).finished:
+            message = f": {final.progress.message}" if final.progress.message else ""
+            yield f"import {final.status}{message}", gr.update()
+            time.sleep(POLL_SECONDS)
+        if final.status != "succeeded":
+            raise gr.Error(f"import {final.status}: {final.error or final.progress.message or ''}")
+        adapter = services.catalog.get_adapter(final.result_ref)
         config = adapter.training_config
-        return (f"Imported **{adapter.name}** ({config['format']} LoRA, {config['layers']} layers, rank "
-                f"{adapter.rank}).", None)
+        yield (f"Imported **{adapter.name}** ({config['format']} LoRA, {config['layers']} layers, rank "
+               f"{adapter.rank}).", None)
 
     def pick(adapter_ids: list[str], evt: gr.SelectData):
         return adapter_ids[evt.index] if 0 <= evt.index < len(adapter_ids) else None

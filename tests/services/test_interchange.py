@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from core.io import load_safetensors
 from services.container import build_services
-from services.interchange import InterchangeService
+from services.interchange import _ADAPTER_IDS, InterchangeService
 from storage import catalog
 from storage.artifacts import ArtifactStore
 from storage.db import writing
@@ -229,3 +229,128 @@ def test_a_catalog_failure_removes_the_written_files(services, lora_file, tmp_pa
     with pytest.raises(RuntimeError, match="database went away"):
         services.interchange.import_adapter(path, name="x")
     assert _adapter_folders(services) == set()
+
+
+# import as a queued job ----------------------------------------------------------------------------------------
+
+
+def _job_folders(services) -> set[str]:
+    folder = services.settings.artifacts_dir / "jobs"
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def _native_file(path: Path, lora_file: tuple[dict, dict]) -> Path:
+    tensors, metadata = lora_file
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_import_job_goes_from_queued_to_succeeded(services, lora_file, tmp_path: Path) -> None:
+    path = _native_file(tmp_path / "upload.safetensors", lora_file)
+    job = services.interchange.submit_import(path, name="queued disc", display_name="../../my disc.safetensors")
+    assert (job.kind, job.status, job.title) == ("import", "queued", "import queued disc (diffusers LoRA)")
+    assert job.payload["file_name"] == "my disc.safetensors"
+    assert job.payload["file"] == f"jobs/{job.id}/import.safetensors"
+    stored = services.settings.artifacts_dir / "jobs" / job.id / "import.safetensors"
+    assert stored.read_bytes() == path.read_bytes()
+    assert (job.payload["kind"], job.payload["trigger_words"], job.payload["steps"]) == ("subject", ["sks"], 9)
+    assert services.catalog.list_adapters() == []
+
+    assert services.worker.run_once(job.id)
+    done = services.jobs.get(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.result_ref == uuid.uuid5(_ADAPTER_IDS, job.id).hex
+    adapter = services.catalog.get_adapter(done.result_ref)
+    assert (adapter.name, adapter.kind, adapter.trigger_words, adapter.rank) == ("queued disc", "subject", ("sks",), 4)
+    assert adapter.training_config["imported_from"] == "my disc.safetensors"
+    assert adapter.training_config["format"] == "diffusers"
+    with services.sessions() as session:
+        assert catalog.get_adapter(session, adapter.id).job_id == job.id
+    assert not stored.exists()  # the adapter holds the tensors now
+    original = _add(services, *lora_file, name="disc")
+    torch.testing.assert_close(_unet_out(services, adapter.id), _unet_out(services, original), rtol=1e-5, atol=1e-6)
+
+
+def test_a_mismatched_file_fails_the_job_with_the_reason(services, lora_file, tmp_path: Path) -> None:
+    tensors = {k.replace("to_q", "to_x"): v for k, v in lora_file[0].items()}
+    path = _save(tmp_path / "odd.safetensors", tensors)
+    job = services.interchange.submit_import(path, name="odd")
+    assert services.worker.run_once(job.id)
+    failed = services.jobs.get(job.id)
+    assert failed.status == "failed" and failed.result_ref is None
+    assert failed.error.startswith("odd.safetensors: ") and "to_x: no Linear or Conv2d layer" in failed.error
+    assert services.catalog.list_adapters() == [] and _adapter_folders(services) == set()
+    assert (services.settings.artifacts_dir / "jobs" / job.id / "import.safetensors").is_file()  # kept for a retry
+
+
+def test_a_changed_upload_copy_fails_the_job(services, lora_file, tmp_path: Path) -> None:
+    job = services.interchange.submit_import(_native_file(tmp_path / "a.safetensors", lora_file), name="a")
+    _native_file(services.settings.artifacts_dir / "jobs" / job.id / "import.safetensors",
+                 ({k: v + 1 for k, v in lora_file[0].items()}, lora_file[1]))
+    services.worker.run_once(job.id)
+    failed = services.jobs.get(job.id)
+    assert failed.status == "failed" and "changed since it was queued" in failed.error
+    assert _adapter_folders(services) == set()
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "message"),
+    [
+        (lambda p, t: _write_pickle(p / "lora.safetensors"), {}, "pickle .* named .safetensors"),
+        (lambda p, t: _raw(p / "junk.safetensors", b"\x10" + b"\0" * 7 + b"{bad"), {}, "not a valid .safetensors"),
+        (lambda p, t: _save(p / "w.safetensors", {"weird.weight": torch.zeros(2)}), {}, "not a LoRA file"),
+        (lambda p, t: _save(p / "none.safetensors", {}), {}, "holds no tensors"),
+        (lambda p, t: _save(p / "a.safetensors", t), {"name": "disc"}, "already exists"),
+        (lambda p, t: _save(p / "a.safetensors", t), {"name": "bad/name"}, "adapter name must be"),
+        (lambda p, t: _save(p / "a.safetensors", t), {"kind": "subject"}, "needs a trigger word"),
+        (lambda p, t: _save(p / "a.safetensors", t), {"base": "nope/missing.safetensors"}, "no such file"),
+        (lambda p, t: _save(p / "a.safetensors", t), {"alpha": -1.0}, "alpha must be a positive number"),
+    ],
+    ids=["renamed-pickle", "junk", "not-lora", "no-tensors", "name-taken", "bad-name", "subject-without-trigger",
+         "bad-base", "bad-alpha"],
+)
+def test_submit_refusals_queue_nothing(services, lora_file, tmp_path: Path, make, kwargs, message) -> None:
+    _add(services, *lora_file, name="disc")
+    path = make(tmp_path, dict(lora_file[0]))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        services.interchange.submit_import(path, **{"name": "new one", **kwargs})
+    assert services.jobs.list_jobs() == [] and _job_folders(services) == set()
+
+
+def test_a_failed_enqueue_leaves_no_upload_copy(services, lora_file, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from storage import jobs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(jobs, "enqueue", broken)
+    with pytest.raises(RuntimeError, match="database went away"):
+        services.interchange.submit_import(_native_file(tmp_path / "a.safetensors", lora_file), name="a")
+    assert _job_folders(services) == set()
+
+
+def test_a_rerun_replaces_a_crashed_attempts_files(services, lora_file, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    job = services.interchange.submit_import(_native_file(tmp_path / "a.safetensors", lora_file), name="a")
+    real_add = catalog.add_adapter
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(catalog, "add_adapter", crash)
+    services.worker.run_once(job.id)
+    assert services.jobs.get(job.id).status == "failed" and _adapter_folders(services) == set()
+    adapter_id = uuid.uuid5(_ADAPTER_IDS, job.id).hex
+    stale = services.settings.artifacts_dir / "adapters" / adapter_id
+    stale.mkdir(parents=True)  # as if the process died between writing the files and the catalog row
+    (stale / "adapter.safetensors").write_bytes(b"half written")
+    monkeypatch.setattr(catalog, "add_adapter", real_add)
+    services.jobs.retry(job.id)
+    _add(services, *lora_file, name="a")  # the name was taken meanwhile: the import keeps both
+    assert services.worker.run_once(job.id)
+    done = services.jobs.get(job.id)
+    assert done.status == "succeeded" and done.result_ref == adapter_id
+    adapter = services.catalog.get_adapter(adapter_id)
+    assert adapter.name == f"a-{adapter_id[:6]}"
+    assert load_safetensors(services.catalog.adapter_file(adapter_id))[0].keys() == lora_file[0].keys()
