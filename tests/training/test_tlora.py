@@ -452,3 +452,47 @@ def test_layers_of_different_rank_attach_with_their_own_rank(pipe, fresh_pipe) -
     for case, t in CASES.items():
         torch.testing.assert_close(_forward(fresh_pipe, t), expected[case], rtol=1e-4, atol=1e-5)
     adapter.remove()
+
+
+@pytest.mark.parametrize(("steps", "shape"), [
+    ([100, 900], (2, 3, 6)),  # per-sample masks of ranks 5 and 2
+    ([900], (2, 3, 6)),  # one mask row for the whole batch
+    ([0, 700], (4, 2, 2, 6)),  # 2 samples x 2 frames folded into the batch, 4-D input
+    ([300, 950], (2, 6)),  # 2-D input, one token per sample
+])
+def test_folded_backward_matches_autograd_of_the_formula(steps: list[int], shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).double().requires_grad_(False)
+    schedule = RankSchedule(8, 2, 1.0, 1000)
+    owner = nn.Module()
+    clock = TimestepClock.acquire(owner)
+    layer = TLoRALinear(base, *ortho_init(5, 6, 5, "last", seed=2), RankMasks(schedule, clock)).double()
+    _randomize([layer.q, layer.p, layer.lam], seed=4)
+    clock.set(torch.tensor(steps))
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    rows = len(steps)
+
+    def custom(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(layer, {"q": q, "p": p, "lam": lam}, (x,))
+
+    def formula(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        masks = schedule.masks(torch.tensor(steps))[:, :5].double()
+        outs = []
+        for b, xb in enumerate(x.reshape(rows, -1, 6)):
+            m = masks[b]
+            delta = p @ torch.diag(lam * m) @ q - layer.p0 @ torch.diag(layer.lam0 * m) @ layer.q0
+            outs.append(xb @ (base.weight + delta).T + base.bias)
+        return torch.cat(outs).reshape(*shape[:-1], 5)
+
+    inputs = (x, layer.q, layer.p, layer.lam)
+    out = custom(*inputs)
+    assert type(out.grad_fn).__name__ == "FoldedTLoRAFunctionBackward"  # the hand-written backward is in use
+    torch.testing.assert_close(out, formula(*inputs))
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, inputs, grad_out),
+                               torch.autograd.grad(formula(*inputs), inputs, grad_out))
+    assert torch.autograd.gradcheck(custom, inputs)
+    grads = torch.autograd.grad(custom(x, *inputs[1:]).sum(), inputs[1:])  # x without a gradient still works
+    x.requires_grad_(False)
+    torch.testing.assert_close(torch.autograd.grad(custom(x, *inputs[1:]).sum(), inputs[1:]), grads)
+    clock.release(owner)

@@ -248,6 +248,72 @@ def ortho_init(d_out: int, d_in: int, rank: int, sig_type: str, seed: int,
     return vh[idx].cpu().contiguous(), u[:, idx].cpu().contiguous(), s[idx].cpu().contiguous()
 
 
+def _per_sample_linear(x: Tensor, weights: Tensor, bias: Tensor | None) -> Tensor:
+    """``x`` (N, ..., d_in) through ``weights`` (rows, d_out, d_in), ``rows`` dividing N sample-major.
+
+    Written so that an untrained adapter reproduces the base output bit for bit: one row is a single linear; on
+    CPUs one batched matmul rounds like the base layer's matmul; elsewhere each row gets its own linear.
+    """
+    rows = weights.shape[0]
+    if rows == 1:
+        return F.linear(x, weights[0], bias)
+    parts = x.reshape(rows, -1, x.shape[-1])
+    if x.device.type == "cpu":
+        out = torch.bmm(parts, weights.transpose(1, 2)) if bias is None else torch.baddbmm(
+            bias, parts, weights.transpose(1, 2))
+    else:
+        out = torch.cat([F.linear(parts[i], weights[i], bias) for i in range(rows)])
+    return out.view(*x.shape[:-1], weights.shape[1])
+
+
+class FoldedTLoRAFunction(torch.autograd.Function):
+    """``y_b = x_b (W + P diag(λ⊙m_b) Q − P0 diag(λ0⊙m_b) Q0)^T + bias`` with a hand-written backward.
+
+    Small layers with a frozen base only: the forward folds each mask row's update into a per-sample weight
+    without recording a graph; with ``G_b = dy_b^T x_b`` the backward is ``dP = Σ_b G_b Q^T diag(λ⊙m_b)``,
+    ``dQ = Σ_b diag(λ⊙m_b) P^T G_b``, ``dλ = Σ_b m_b ⊙ diag(P^T G_b Q^T)``, ``dx_b = dy_b W_b``, evaluated
+    through the rank-r projections so ``G_b`` is never formed. ``W``, the bias and the frozen copies get no
+    gradient. Only tensors are saved, so it is safe under gradient checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, p: Tensor, q: Tensor, lam: Tensor,
+                p0: Tensor, q0: Tensor, lam0: Tensor, masks: Tensor) -> Tensor:
+        # The two branches are formed the same way, so they cancel exactly at initialisation.
+        trained = (p * (lam * masks).unsqueeze(1)) @ q
+        frozen = (p0 * (lam0 * masks).unsqueeze(1)) @ q0
+        weights = weight + (trained - frozen)  # (rows, d_out, d_in)
+        out = _per_sample_linear(x, weights, bias)
+        needs = ctx.needs_input_grad
+        ctx.save_for_backward(x if any(needs[3:6]) else None, weights if needs[0] else None, p, q, lam, masks)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weights, p, q, lam, masks = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        rows, d_out = masks.shape[0], p.shape[0]
+        dy = grad_out.contiguous().view(rows, -1, d_out)  # the grad of a sum() is an expanded view
+        grad_x = grad_p = grad_q = grad_lam = None
+        if needs[0]:
+            grad_x = torch.bmm(dy, weights.to(dy.dtype)).view(grad_out.shape[:-1] + weights.shape[-1:])
+        if any(needs[3:6]):
+            # Through the rank-r projections instead of forming G_b, with m_b repeated over sample b's tokens:
+            # (Σ_b G_b Q^T diag(m_b))^T = ((Q x^T) ⊙ m) dy and Σ_b diag(m_b) P^T G_b = ((P^T dy^T) ⊙ m) x.
+            # Kept transposed (r × tokens): matmuls with a rank-wide output are several times slower on CPUs.
+            r, d_in = q.shape
+            mt = masks.to(p.dtype).t().unsqueeze(2)  # (r, rows, 1)
+            xf = x.reshape(-1, d_in).to(p.dtype)
+            dyf = dy.reshape(-1, d_out).to(p.dtype)
+            if needs[3] or needs[5]:
+                tt = (q @ xf.t()).view(r, rows, -1).mul_(mt).view(r, -1) @ dyf  # (r, d_out)
+                grad_p = (tt * lam.unsqueeze(1)).t() if needs[3] else None
+                grad_lam = (tt * p.t()).sum(1) if needs[5] else None
+            if needs[4]:
+                grad_q = ((p.t() @ dyf.t()).view(r, rows, -1).mul_(mt).view(r, -1) @ xf).mul_(lam.unsqueeze(1))
+        return grad_x, None, None, grad_p, grad_q, grad_lam, None, None, None, None
+
+
 class TLoRALinear(nn.Module):
     """A frozen Linear plus the masked orthogonal update; used while training."""
 
@@ -273,29 +339,17 @@ class TLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         masks = self.masks.current(self.rank, x)
-        rows, batch = masks.shape[0], x.shape[0] if x.ndim >= 2 else 1
-        weight = self.base.weight
-        small = (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1] <= _FOLD_LIMIT
-        if small and x.ndim >= 2 and rows in (1, batch):
-            return self._folded(x, masks)
+        weight, bias = self.base.weight, self.base.bias
+        if x.ndim >= 2 and x.shape[0] % masks.shape[0] == 0 and not weight.requires_grad and not (
+                bias is not None and bias.requires_grad) and (
+                x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1] <= _FOLD_LIMIT:
+            # Small layer: fold ΔW(t) of each mask row into a per-sample weight (no fused LoRA path of peft
+            # covers per-sample masks), with the analytic backward.
+            params = (self.p, self.q, self.lam, self.p0, self.q0, self.lam0)
+            if weight.dtype != torch.float32:
+                params = tuple(t.to(weight.dtype) for t in params)
+            return FoldedTLoRAFunction.apply(x, weight, bias, *params, masks)
         return self.base(x) + self.delta(x, broadcast_mask(masks, x))
-
-    def _folded(self, x: Tensor, masks: Tensor) -> Tensor:
-        """Small layers: fold ΔW(t) of each mask row into a per-sample weight and run one (batched) matmul.
-
-        Written by hand because the masks differ per sample, which no fused LoRA path of peft covers; the two
-        branches are formed separately so they still cancel exactly at initialisation.
-        """
-        dtype = self.base.weight.dtype
-        trained = (self.p.to(dtype) * (self.lam.to(dtype) * masks).unsqueeze(1)) @ self.q.to(dtype)
-        frozen = (self.p0.to(dtype) * (self.lam0.to(dtype) * masks).unsqueeze(1)) @ self.q0.to(dtype)
-        weights = self.base.weight + (trained - frozen)  # (rows, d_out, d_in)
-        bias = self.base.bias
-        if weights.shape[0] == 1:
-            return F.linear(x, weights[0], bias)
-        # One linear per sample (batches are small here) rounds exactly like the base layer, so an untrained
-        # adapter reproduces the base output bit for bit.
-        return torch.cat([F.linear(x[i:i + 1], weights[i], bias) for i in range(weights.shape[0])])
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
