@@ -24,6 +24,18 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module on one torch thread: tiny models gain nothing from more, and spinning OpenMP threads crawl on
+    a busy shared CPU. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def settings(tmp_path: Path, models_dir: Path):
     from services.settings import Settings

@@ -96,12 +96,8 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from more threads, and spinning OpenMP threads crawl on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every composition test module runs on one torch thread (see ``tests/conftest.py``)."""
 
 
 @pytest.fixture(scope="module")

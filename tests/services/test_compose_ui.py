@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from app.formatting import compare_caption, generation_status_md
@@ -26,12 +25,7 @@ PROMPT = "a sks zqx pqr wkq scene"
 STEPS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

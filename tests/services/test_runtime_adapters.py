@@ -42,13 +42,7 @@ def _randomize(params: list[torch.nn.Parameter], seed: int, scale: float) -> Non
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from more threads, and spinning OpenMP threads crawl on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

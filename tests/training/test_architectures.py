@@ -32,13 +32,7 @@ METHOD_NAMES = METHODS.names()
 PAIRS = [(arch, name) for arch in ARCHITECTURES for name in METHOD_NAMES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and spinning threads waste shared cores: run this module on one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ PRIOR = {"prior_preservation": True, "class_prompt": CLASS_PROMPT, "num_class_im
          "resolution": RESOLUTION}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(pipe, records, work_dir=None, callback=None, resume_from=None, keep_adapter=False,

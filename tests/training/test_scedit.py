@@ -37,13 +37,7 @@ TINY_DIMS = [64, 64, 64, 32, 32, 32]  # block_out_channels (32, 64, 64), one res
 ENCODER = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model gains nothing from more threads, and spinning OpenMP threads crawl on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sce_config(**overrides: Any) -> SCEditConfig:
