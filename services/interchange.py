@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import training.methods  # noqa: F401  (registers every training method)
 from core.io import BadWeightsFile, atomic_write_bytes, load_safetensors, sha256_file
 from core.types import CONCEPT_KINDS, AdapterInfo, JobInfo
+from services.adapter_records import NewAdapter, job_adapter_id, record_adapter
 from services.runtime import ModelRuntime
 from services.worker import JobReporter
 from storage import catalog, jobs
@@ -39,7 +40,6 @@ _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")  # the same rule as names of trained
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 _PICKLE_MAGICS = (b"\x80", b"PK\x03\x04")  # a raw pickle, or the zip container of torch.save
 IMPORT_FILE = "import.safetensors"  # an import job's copy of the upload, under jobs/<job id>/
-_ADAPTER_IDS = uuid.UUID("0b7f3f52-58a4-4d1e-9a55-6c1f0e2d8b17")  # namespace of adapter ids derived from job ids
 
 
 @dataclass(frozen=True)
@@ -290,10 +290,7 @@ class InterchangeService:
         del tensors
         reporter.check_cancel()
         reporter.progress(2, 3, message="saving the adapter", force=True)
-        adapter_id = uuid.uuid5(_ADAPTER_IDS, job.id).hex
-        with self._sessions() as session:
-            if catalog.find_adapter(session, adapter_id) is None:
-                self._store.remove_adapter(adapter_id)  # a crashed attempt's files
+        adapter_id = job_adapter_id(job.id)
         self._record(adapter_id, imported, config, plan, job_id=job.id, worker_id=reporter.worker_id)
         with contextlib.suppress(OSError):
             self._store.remove(f"jobs/{job.id}/{IMPORT_FILE}")  # the adapter holds the tensors now
@@ -360,26 +357,8 @@ class InterchangeService:
         base_hash = self._runtime.base_hash(plan.base)
         metadata = adapter_file_metadata("lora", config, plan.base, base_hash, plan.triggers, plan.kind, plan.steps,
                                          method_metadata=imported.metadata)
-        manifest = {"id": adapter_id, "name": plan.name, "method": "lora", "kind": plan.kind,
-                    "base_model": plan.base, "base_model_hash": base_hash, "trigger_words": plan.triggers,
-                    "rank": imported.rank, "training_config": config, "steps": plan.steps, "dataset_id": None,
-                    "job_id": job_id}
-        written = self._store.write_adapter(adapter_id, imported.tensors, metadata, config, manifest)
-        try:
-            with writing(self._sessions) as session:
-                name = plan.name
-                if job_id is None:
-                    self._check_name_free(name, session)
-                elif catalog.find_adapter(session, name) is not None:
-                    name = f"{name}-{adapter_id[:6]}"
-                row = catalog.add_adapter(session, id=adapter_id, name=name, method="lora", kind=plan.kind,
-                                          base_model=plan.base, base_model_hash=base_hash,
-                                          trigger_words=plan.triggers, rank=imported.rank, training_config=config,
-                                          steps=plan.steps, sha256=written.sha256, file_size=written.size,
-                                          file_path=written.path, job_id=job_id)
-                if job_id is not None:
-                    jobs.finish(session, job_id, result_ref=adapter_id, worker_id=worker_id)
-                return catalog.adapter_info(row)
-        except BaseException:
-            self._store.remove_adapter(adapter_id)  # never leave files the catalog does not know
-            raise
+        spec = NewAdapter(name=plan.name, method="lora", kind=plan.kind, base_model=plan.base,
+                          base_model_hash=base_hash, trigger_words=plan.triggers, rank=imported.rank,
+                          training_config=config, steps=plan.steps, job_id=job_id)
+        return record_adapter(self._sessions, self._store, adapter_id, spec, imported.tensors, metadata,
+                              worker_id=worker_id, rename_if_taken=job_id is not None)

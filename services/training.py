@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import training.methods  # noqa: F401  (registers every training method)
 from core.io import atomic_write_bytes
 from core.types import CONCEPT_KINDS, JobInfo
 from services import orthogonal_slots
+from services.adapter_records import NewAdapter, job_adapter_id, record_adapter
 from services.runtime import ModelRuntime
 from services.worker import JobReporter
 from storage import catalog, jobs
@@ -27,7 +27,6 @@ from training.presets import preset_config, preset_for
 from training.trainer import Trainer, latest_checkpoint
 
 _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")
-_ADAPTER_IDS = uuid.UUID("6f1d3c1e-6a53-4c55-9a0e-2f3b9c7d1a42")  # namespace of adapter ids derived from job ids
 
 
 @dataclass(frozen=True)
@@ -190,37 +189,15 @@ class TrainingService:
 
     def _save_adapter(self, job: JobInfo, result: TrainResult, previews: list[Path], worker_id: str) -> str:
         p = job.payload
-        # One adapter id per job: files left by a save that crashed before the catalog row was committed belong
-        # to this job's id and are replaced by the rerun, never kept beside it.
-        adapter_id = uuid.uuid5(_ADAPTER_IDS, job.id).hex
-        with self._sessions() as session:
-            if catalog.find_adapter(session, adapter_id) is None:
-                self._store.remove_adapter(adapter_id)
+        adapter_id = job_adapter_id(job.id)
         base_hash = self._runtime.base_hash(p["base_model"])
         trigger_words = [p["trigger_word"]] if p["trigger_word"] else []
         metadata = adapter_file_metadata(p["method"], result.config, p["base_model"], base_hash, trigger_words,
                                          p["kind"], result.steps_done, method_metadata=result.metadata)
-        manifest = {"id": adapter_id, "name": p["name"], "method": p["method"], "kind": p["kind"],
-                    "base_model": p["base_model"], "base_model_hash": base_hash, "trigger_words": trigger_words,
-                    "rank": result.config.get("rank"), "training_config": result.config,
-                    "steps": result.steps_done, "dataset_id": p["dataset_id"], "job_id": job.id}
-        written = self._store.write_adapter(adapter_id, result.tensors, metadata, result.config, manifest)
-        preview_rels = [self._store.write_adapter_preview(adapter_id, i, path.read_bytes())
-                        for i, path in enumerate(previews[-1:])]
-        try:
-            with writing(self._sessions) as session:
-                name = p["name"]
-                if catalog.find_adapter(session, name) is not None:  # taken while we trained: keep both
-                    name = f"{name}-{adapter_id[:6]}"
-                catalog.add_adapter(session, id=adapter_id, name=name, method=p["method"], kind=p["kind"],
-                                    base_model=p["base_model"], base_model_hash=base_hash,
-                                    trigger_words=trigger_words, rank=result.config.get("rank"),
-                                    training_config=result.config, steps=result.steps_done,
-                                    sha256=written.sha256, file_size=written.size, file_path=written.path,
-                                    dataset_id=p["dataset_id"], job_id=job.id, previews=preview_rels)
-                jobs.finish(session, job.id, result_ref=adapter_id, worker_id=worker_id)
-        except BaseException:
-            self._store.remove_adapter(adapter_id)  # never leave files the catalog does not know
-            raise
+        spec = NewAdapter(name=p["name"], method=p["method"], kind=p["kind"], base_model=p["base_model"],
+                          base_model_hash=base_hash, trigger_words=trigger_words, rank=result.config.get("rank"),
+                          training_config=result.config, steps=result.steps_done, dataset_id=p["dataset_id"],
+                          job_id=job.id, previews=[path.read_bytes() for path in previews[-1:]])
+        record_adapter(self._sessions, self._store, adapter_id, spec, result.tensors, metadata, worker_id=worker_id)
         return adapter_id
 

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from core.io import load_safetensors
+from services.adapter_records import job_adapter_id
 from services.container import build_services
-from services.interchange import _ADAPTER_IDS, InterchangeService
+from services.interchange import InterchangeService
 from storage import catalog
 from storage.artifacts import ArtifactStore
 from storage.db import writing
@@ -259,7 +260,7 @@ def test_import_job_goes_from_queued_to_succeeded(services, lora_file, tmp_path:
     assert services.worker.run_once(job.id)
     done = services.jobs.get(job.id)
     assert done.status == "succeeded", done.error
-    assert done.result_ref == uuid.uuid5(_ADAPTER_IDS, job.id).hex
+    assert done.result_ref == job_adapter_id(job.id)
     adapter = services.catalog.get_adapter(done.result_ref)
     assert (adapter.name, adapter.kind, adapter.trigger_words, adapter.rank) == ("queued disc", "subject", ("sks",), 4)
     assert adapter.training_config["imported_from"] == "my disc.safetensors"
@@ -341,7 +342,7 @@ def test_a_rerun_replaces_a_crashed_attempts_files(services, lora_file, tmp_path
     monkeypatch.setattr(catalog, "add_adapter", crash)
     services.worker.run_once(job.id)
     assert services.jobs.get(job.id).status == "failed" and _adapter_folders(services) == set()
-    adapter_id = uuid.uuid5(_ADAPTER_IDS, job.id).hex
+    adapter_id = job_adapter_id(job.id)
     stale = services.settings.artifacts_dir / "adapters" / adapter_id
     stale.mkdir(parents=True)  # as if the process died between writing the files and the catalog row
     (stale / "adapter.safetensors").write_bytes(b"half written")

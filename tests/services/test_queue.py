@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from core.io import sha256_file
 from services import training as training_service
+from services.adapter_records import job_adapter_id
 from services.container import build_device_workers, build_services
 from services.settings import Settings
 from storage import jobs
@@ -267,7 +267,7 @@ def test_crash_between_artifact_write_and_catalog_record_leaves_no_orphan(servic
     job = _submit(services, image_dir, "crashy", max_steps=2)
     assert jobs.claim_job(services.sessions, job.id, "doomed") is not None
     store = ArtifactStore(services.settings.artifacts_dir)
-    adapter_id = uuid.uuid5(training_service._ADAPTER_IDS, job.id).hex  # the id the job's save writes
+    adapter_id = job_adapter_id(job.id)  # the id the job's save writes
     store.write_adapter(adapter_id, {"unet.x.lora_A.weight": torch.ones(1, 2)}, {"format": "pt"}, {},
                         {"name": "crashy", "method": "lora", "kind": "subject", "base_model": "builtin:tiny-sd",
                          "job_id": job.id})
