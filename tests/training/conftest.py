@@ -23,6 +23,25 @@ def pipe():
     return build_pipeline()
 
 
+@pytest.fixture(scope="module")
+def _second_pipe():
+    """Another tiny pipeline, to load back what was trained on ``pipe`` (each module's ``fresh_pipe`` cleans it)."""
+    from core.builtin import build_pipeline
+
+    return build_pipeline()
+
+
+def save_trained(path: Path, method_name: str, config: Any, result: Any) -> dict[str, str]:
+    """Save a ``TrainResult`` as an adapter file of the built-in base (subject, trigger "sks"); returns its header."""
+    from core.io import save_safetensors
+    from training.artifact import adapter_file_metadata
+
+    metadata = adapter_file_metadata(method_name, config, "builtin:tiny-sd", "0" * 16, ["sks"], "subject",
+                                     result.steps_done, method_metadata=result.metadata)
+    save_safetensors(path, result.tensors, metadata)
+    return metadata
+
+
 def write_images(folder: Path, count: int = 3, size: int = 64, seed: int = 0) -> list[tuple[Path, str]]:
     """``count`` PNGs of a coloured square on a plain background, with captions."""
     rng = np.random.default_rng(seed)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.io import load_safetensors, save_safetensors
-from tests.training.conftest import Recorder, lora_config, unet_inputs, unet_out
+from core.io import load_safetensors
+from tests.training.conftest import Recorder, lora_config, save_trained, unet_inputs, unet_out
 from training.artifact import adapter_file_metadata, load_adapter
 from training.data import ImageCaptionDataset
 from training.methods.lora import TRAIN_ADAPTER, LoRA
@@ -100,17 +100,8 @@ def trained(pipe, tmp_path_factory: pytest.TempPathFactory):
     method.remove()
     base = unet_out(pipe, inputs)
     path = folder / "adapter.safetensors"
-    metadata = adapter_file_metadata("lora", cfg, "builtin:tiny-sd", "0" * 16, ["sks"], "subject", result.steps_done,
-                                     method_metadata=result.metadata)
-    save_safetensors(path, result.tensors, metadata)
+    save_trained(path, "lora", cfg, result)
     return {"path": path, "inputs": inputs, "reference": reference, "base": base}
-
-
-@pytest.fixture(scope="module")
-def _second_pipe():
-    from core.builtin import build_pipeline
-
-    return build_pipeline()
 
 
 @pytest.fixture()

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import training.methods.orthogonal  # noqa: F401  (registers "orthogonal")
-from core.io import load_safetensors, save_safetensors
-from tests.training.conftest import FAST, Recorder, unet_inputs, write_images
-from training.artifact import adapter_file_metadata, load_adapter
+from core.io import load_safetensors
+from tests.training.conftest import FAST, Recorder, save_trained, unet_inputs, write_images
+from training.artifact import load_adapter
 from training.base import METHODS, LoRAFactors
 from training.data import ImageCaptionDataset
 from training.methods.lora import TRAIN_ADAPTER
@@ -140,9 +140,7 @@ def _train(pipe, folder: Path, image_seed: int, slot: int) -> dict:
     dataset = ImageCaptionDataset(write_images(folder, seed=image_seed), 64)
     result = Trainer(OrthogonalAdaptation(cfg), pipe, dataset, cfg, "sks", Recorder()).run()
     path = folder / "adapter.safetensors"
-    metadata = adapter_file_metadata("orthogonal", cfg, "builtin:tiny-sd", "0" * 16, ["sks"], "subject",
-                                     result.steps_done, method_metadata=result.metadata)
-    save_safetensors(path, result.tensors, metadata)
+    metadata = save_trained(path, "orthogonal", cfg, result)
     return {"path": path, "tensors": result.tensors, "metadata": metadata, "slot": slot}
 
 
@@ -198,13 +196,6 @@ def test_concepts_in_the_same_slot_are_not(concepts) -> None:
 
 
 # loading back -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _second_pipe():
-    from core.builtin import build_pipeline
-
-    return build_pipeline()
 
 
 @pytest.fixture()

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import training.methods.scedit  # noqa: F401  (registers "scedit")
-from core.io import load_safetensors, save_safetensors
-from tests.training.conftest import FAST, Recorder, lora_config, unet_inputs, unet_out, write_images
-from training.artifact import adapter_file_metadata, load_adapter
+from core.io import load_safetensors
+from tests.training.conftest import FAST, Recorder, lora_config, save_trained, unet_inputs, unet_out, write_images
+from training.artifact import load_adapter
 from training.base import METHODS
 from training.data import ImageCaptionDataset
 from training.methods.lora import LoRA
@@ -294,9 +294,7 @@ def trained(pipe, tmp_path_factory: pytest.TempPathFactory):
     method.remove()
     base = unet_out(pipe, inputs)
     path = folder / "adapter.safetensors"
-    metadata = adapter_file_metadata("scedit", cfg, "builtin:tiny-sd", "0" * 16, ["sks"], "subject",
-                                     result.steps_done, method_metadata=result.metadata)
-    save_safetensors(path, result.tensors, metadata)
+    save_trained(path, "scedit", cfg, result)
     return {"path": path, "inputs": inputs, "reference": reference, "base": base}
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 import training.methods.tlora  # noqa: F401  (registers "tlora")
 from composition.routing import router_for
-from core.io import load_safetensors, save_safetensors
-from tests.training.conftest import FAST, Recorder, unet_inputs, unet_out, write_images
-from training.artifact import adapter_file_metadata, load_adapter
+from core.io import load_safetensors
+from tests.training.conftest import FAST, Recorder, save_trained, unet_inputs, unet_out, write_images
+from training.artifact import load_adapter
 from training.base import TrainResult
 from training.data import ImageCaptionDataset
 from training.methods.lora import LoRA
@@ -226,18 +226,9 @@ def trained(pipe, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     reference = {case: _forward(pipe, t) for case, t in CASES.items()}
     method.remove()
     base = {case: _forward(pipe, t) for case, t in CASES.items()}
-    metadata = adapter_file_metadata("tlora", cfg, "builtin:tiny-sd", "0" * 16, ["sks"], "subject",
-                                     result.steps_done, method_metadata=result.metadata)
     path = folder / "adapter.safetensors"
-    save_safetensors(path, result.tensors, metadata)
+    save_trained(path, "tlora", cfg, result)
     return {"path": path, "reference": reference, "base": base, "result": result}
-
-
-@pytest.fixture(scope="module")
-def _second_pipe():
-    from core.builtin import build_pipeline
-
-    return build_pipeline()
 
 
 @pytest.fixture()
