@@ -24,6 +24,8 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 DEFAULT_BUILTIN = "tiny-sd"
+TINY_VIDEO = "tiny-video"  # AnimateDiff (UNetMotionModel + MotionAdapter) over tiny-sd, built from configs
+VIDEO_FRAMES = 8
 BUILTIN_VERSION = "2"
 IMAGE_SIZE = 64
 _BUILD_LOCK = threading.Lock()  # building seeds torch's global generator: one build at a time
@@ -97,6 +99,14 @@ SDXL_UNET_CONFIG = {
     "projection_class_embeddings_input_dim": 6 * SDXL_TIME_EMBED_DIM + SDXL_TEXT_2_CONFIG["projection_dim"],
 }
 SDXL_VAE_CONFIG = {**VAE_CONFIG, "scaling_factor": 0.13025}
+MOTION_ADAPTER_CONFIG = {
+    "block_out_channels": UNET_CONFIG["block_out_channels"],
+    "motion_layers_per_block": UNET_CONFIG["layers_per_block"],
+    "motion_num_attention_heads": 2,
+    "motion_norm_num_groups": UNET_CONFIG["norm_num_groups"],
+    "motion_max_seq_length": 32,
+    "use_motion_mid_block": False,
+}
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -114,7 +124,7 @@ def is_builtin(ref: str) -> bool:
 
 
 def builtin_names() -> list[str]:
-    return [DEFAULT_BUILTIN]
+    return [DEFAULT_BUILTIN, TINY_VIDEO]
 
 
 def _byte_alphabet() -> list[str]:
@@ -202,6 +212,37 @@ def build_pipeline(seed: int = 0, arch: str = "sd1"):
             torch.random.set_rng_state(generator_state)
 
 
+def build_motion_adapter(seed: int = 0):
+    """A MotionAdapter whose widths fit the ``sd1`` UNet, deterministically from ``seed``."""
+    import torch
+    from diffusers import MotionAdapter
+
+    with _BUILD_LOCK:
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed + 4)
+            return MotionAdapter(**MOTION_ADAPTER_CONFIG)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+
+def build_video_pipeline(seed: int = 0, image_pipe=None, motion_adapter=None):
+    """An AnimateDiff text-to-video pipeline: the image pipeline's UNet turned into a UNetMotionModel with a
+    MotionAdapter (default: ``build_pipeline(seed)`` and ``build_motion_adapter(seed)``)."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, UNetMotionModel
+
+    image_pipe = image_pipe or build_pipeline(seed)
+    motion_adapter = motion_adapter or build_motion_adapter(seed)
+    unet = UNetMotionModel.from_unet2d(image_pipe.unet, motion_adapter)
+    scheduler_config = {k: v for k, v in image_pipe.scheduler.config.items() if not k.startswith("_")}
+    scheduler = (image_pipe.scheduler.__class__.from_config(scheduler_config)
+                 if image_pipe.scheduler.__class__.__name__ != "DDPMScheduler"
+                 else DDIMScheduler(**{**SCHEDULER_CONFIG, "clip_sample": False, "steps_offset": 1}))
+    return AnimateDiffPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder,
+                               tokenizer=image_pipe.tokenizer, unet=unet, motion_adapter=motion_adapter,
+                               scheduler=scheduler)
+
+
 def _text_encoder(cls, seed: int, tokenizer, config: dict):
     import torch
     from transformers import CLIPTextConfig
@@ -272,7 +313,8 @@ def ensure_builtin(models_dir: str | os.PathLike[str], name: str = DEFAULT_BUILT
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        build_pipeline().save_pretrained(tmp, safe_serialization=True)
+        pipe = build_video_pipeline() if name == TINY_VIDEO else build_pipeline()
+        pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "lorastudio_builtin.json").write_text(json.dumps({"name": name, "version": BUILTIN_VERSION}))
         try:
             os.replace(tmp, target)

@@ -1,0 +1,523 @@
+"""Train the built-in world base model: first the VAE, then the UNet and text encoder on the VAE's latents.
+
+Run ``python -m training.world.train_base --work DIR --out DIR`` (or ``lorastudio world train-base``). Each stage
+checkpoints into ``--work`` every ``checkpoint_every`` steps (atomically) and resumes from there when started
+again with the same settings; ``--out`` receives the finished diffusers pipeline (fp16 weights), its
+``training.json`` (settings, stage times, hardware) and ``metrics.json`` (the detector's verdict on generations).
+
+The architecture is the built-in one of ``core.builtin`` (the same UNet and text encoder every test uses), with a
+tokenizer capped at ``max_tokens`` (world captions are shorter than 25 tokens) and a multistep DPM-Solver++
+scheduler, so 20 sampling steps suffice. Only held-in concepts are rendered for training; colour permutations
+widen the VAE's palette so that held-out subjects (grey, cyan, brown, cream parts) survive its round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.world.dataset import base_dataset
+
+STAGES = ("vae", "unet")
+
+
+@dataclass(frozen=True)
+class BaseSettings:
+    """Everything that shapes the result; a checkpoint is resumed only under the same settings."""
+
+    seed: int = 0
+    pool: int = 60_000  # rendered base images (the VAE uses the first ``vae_pool``)
+    vae_pool: int = 20_000
+    vae_steps: int = 1_500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = 1e-6
+    unet_steps: int = 8_000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    max_tokens: int = 32
+    checkpoint_every: int = 250
+    eval_every: int = 1_000
+    eval_prompts: int = 64
+    guidance: float = 4.0
+    threads: int = 2
+
+    def stage_key(self, stage: str) -> dict[str, Any]:
+        """The settings a stage's checkpoint depends on (evaluation and checkpoint cadence excluded)."""
+        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads"}
+        if stage == "vae":
+            skip |= {f.name for f in fields(self) if f.name.startswith("unet_")} | {"warmup", "ema_decay",
+                                                                                    "cond_dropout", "snr_gamma"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+# ---------------------------------------------------------------- data
+
+
+def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    seed, start, count = args
+    ds = base_dataset(start + count, seed=seed)
+    items = [ds[i] for i in range(start, start + count)]
+    return np.stack([s.pixels for s in items]), [s.caption for s in items]
+
+
+def render_pool(settings: BaseSettings, work: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """The rendered training images (cached in ``work``): (pool, 64, 64, 3) uint8 and their captions."""
+    cache = work / f"pool-{settings.seed}-{settings.pool}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["pixels"], json.loads(str(data["captions"]))
+    chunk = 2_000
+    jobs = [(settings.seed, s, min(chunk, settings.pool - s)) for s in range(0, settings.pool, chunk)]
+    pixels, captions = [], []
+    with ProcessPoolExecutor(max_workers=max(1, settings.threads)) as pool:
+        for i, (p, c) in enumerate(pool.map(_render, jobs)):
+            pixels.append(p)
+            captions += c
+            if progress:
+                print(f"rendered {min((i + 1) * chunk, settings.pool)}/{settings.pool}", flush=True)
+    out = np.concatenate(pixels)
+    _atomic_npz(cache, pixels=out, captions=np.array(json.dumps(captions)))
+    return out, captions
+
+
+def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def recolour(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random channel permutations, inversions and flips: the VAE sees colours beyond the world's eight."""
+    b = x.shape[0]
+    perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(b)])
+    x = torch.gather(x, 1, perms[:, :, None, None].expand_as(x))
+    invert = torch.rand(b, generator=generator) < 0.25
+    x = torch.where(invert[:, None, None, None], -x, x)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)  # our own checkpoint, written and read only by this script
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)  # our own checkpoint in the work folder, never an upload
+    if state.get("key") != key:
+        raise ValueError(f"{path} was made with other settings; use another --work folder or the same settings")
+    return state
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: bool = True):
+    """Train the AutoencoderKL; returns it with ``scaling_factor`` set so scaled latents have unit variance."""
+    from diffusers import AutoencoderKL
+
+    from core.builtin import VAE_CONFIG
+
+    torch.manual_seed(settings.seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    path = work / "vae.ckpt"
+    key = settings.stage_key("vae")
+    step, gen = 0, torch.Generator().manual_seed(settings.seed)
+    state = _load(path, key)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        gen.set_state(state["generator"])
+    if step >= settings.vae_steps and state is not None and "scaling_factor" in state:
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+        return vae
+    pool = pixels[: settings.vae_pool]
+    started, window = time.time(), []
+    vae.train()
+    while step < settings.vae_steps:
+        idx = torch.randint(len(pool), (settings.vae_batch,), generator=gen).numpy()
+        x = recolour(to_tensor(pool[idx]), gen)
+        lr = settings.vae_lr * 0.5 * (1 + math.cos(math.pi * step / settings.vae_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + settings.vae_kl * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        window.append(float(loss))
+        if progress and (step % 25 == 0 or step == settings.vae_steps):
+            rate = step / max(time.time() - started, 1e-9) if state is None else float("nan")
+            print(f"vae step {step}/{settings.vae_steps} loss {np.mean(window):.4f} ({rate:.2f} steps/s)", flush=True)
+            window.clear()
+        if step % settings.checkpoint_every == 0 or step == settings.vae_steps:
+            _save(path, {"key": key, "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "generator": gen.get_state()})
+    vae.eval()
+    scaling = 1.0 / float(encode_pool(vae, pool[:2_000], scaled=False)[0].std())
+    vae.register_to_config(scaling_factor=scaling)
+    _save(path, {"key": key, "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "generator": gen.get_state(), "scaling_factor": scaling})
+    return vae
+
+
+@torch.inference_mode()
+def encode_pool(vae, pixels: np.ndarray, scaled: bool = True, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of ``pixels`` (times the scaling factor when ``scaled``)."""
+    means, stds = [], []
+    factor = vae.config.scaling_factor if scaled else 1.0
+    for s in range(0, len(pixels), batch):
+        dist = vae.encode(to_tensor(pixels[s:s + batch])).latent_dist
+        means.append(dist.mean * factor)
+        stds.append(dist.std * factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.inference_mode()
+def vae_metrics(vae, pixels: np.ndarray) -> dict[str, float]:
+    """Reconstruction PSNR and the detector's agreement between originals and round trips."""
+    from training.world.detectors import detect
+
+    x = to_tensor(pixels)
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = float(F.mse_loss(recon, x))
+    images = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    before, after = detect(pixels), detect(images)
+    same = [sorted((o.name, o.colour) for o in a.objects) == sorted((o.name, o.colour) for o in b.objects)
+            and a.background == b.background and a.texture == b.texture for a, b in zip(before, after)]
+    return {"psnr": 10 * math.log10(4.0 / max(mse, 1e-12)), "round_trip_agreement": float(np.mean(same))}
+
+
+# ---------------------------------------------------------------- UNet and text encoder
+
+
+def build_tokenizer(max_tokens: int):
+    from core.builtin import build_tokenizer as world_tokenizer
+
+    tokenizer = world_tokenizer()
+    tokenizer.model_max_length = max_tokens
+    return tokenizer
+
+
+def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
+    return tokenizer(list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def build_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from core.builtin import SCHEDULER_CONFIG
+
+    return DPMSolverMultistepScheduler(**SCHEDULER_CONFIG, algorithm_type="dpmsolver++", steps_offset=1,
+                                       timestep_spacing="leading")
+
+
+class EMA:
+    """Exponential moving average of parameters (warm-started: decay grows as (1+n)/(10+n))."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], decay: float) -> None:
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: Sequence[torch.nn.Module]) -> None:
+        for p, s in zip([p for m in modules for p in m.parameters()], self.shadow):
+            p.copy_(s)
+
+
+def _snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pixels: np.ndarray,
+               progress: bool = True):
+    """Train the UNet and text encoder on scaled VAE latents; returns (unet, text_encoder, tokenizer, history)
+    with the EMA weights loaded."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from core.builtin import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG
+
+    tokenizer = build_tokenizer(settings.max_tokens)
+    torch.manual_seed(settings.seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    torch.manual_seed(settings.seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
+    ema = EMA([unet, text_encoder], settings.ema_decay)
+    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    path = work / "unet.ckpt"
+    key = settings.stage_key("unet")
+    step, history, gen = 0, [], torch.Generator().manual_seed(settings.seed + 10)
+    state = _load(path, key)
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        ema.shadow = state["ema"]
+        step, history = state["step"], state["history"]
+        gen.set_state(state["generator"])
+    latents_path = work / "latents.pt"
+    if latents_path.is_file():
+        means, stds = torch.load(latents_path, weights_only=True)
+    else:
+        if progress:
+            print("encoding the pool with the VAE", flush=True)
+        means, stds = encode_pool(vae, pixels)
+        means, stds = means.half(), stds.half()
+        _save(latents_path, (means, stds))
+    ids = tokenize(tokenizer, captions)
+    empty = tokenize(tokenizer, [""])[0]
+    started, window, start_step = time.time(), [], step
+    unet.train()
+    text_encoder.train()
+    while step < settings.unet_steps:
+        idx = torch.randint(len(means), (settings.unet_batch,), generator=gen)
+        latents = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)
+        tokens = ids[idx].clone()
+        drop = torch.rand(len(idx), generator=gen) < settings.cond_dropout
+        tokens[drop] = empty
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        lr = settings.unet_lr * min(1.0, (step + 1) / settings.warmup) * 0.5 * (
+            1 + math.cos(math.pi * step / settings.unet_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pred = unet(noisy, t, text_encoder(tokens)[0]).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * _snr_weights(noise_scheduler, t, settings.snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema.update(step)
+        window.append(float(loss))
+        if progress and (step % 25 == 0 or step == settings.unet_steps):
+            rate = (step - start_step) / max(time.time() - started, 1e-9)
+            eta = (settings.unet_steps - step) / max(rate, 1e-9) / 60
+            print(f"unet step {step}/{settings.unet_steps} loss {np.mean(window):.4f} lr {lr:.2e} "
+                  f"({rate:.2f} steps/s, {eta:.0f} min left)", flush=True)
+            window.clear()
+        if step % settings.eval_every == 0 or step == settings.unet_steps:
+            metrics = _evaluate_ema(settings, vae, unet, text_encoder, tokenizer, ema)
+            history.append({"step": step, "elapsed_s": time.time() - started, **metrics})
+            if progress:
+                print(f"eval at step {step}: {json.dumps(metrics)}", flush=True)
+            unet.train()
+            text_encoder.train()
+        if step % settings.checkpoint_every == 0 or step == settings.unet_steps:
+            _save(path, {"key": key, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                         "optimizer": opt.state_dict(), "ema": ema.shadow, "step": step, "history": history,
+                         "generator": gen.get_state()})
+    ema.copy_to([unet, text_encoder])
+    return unet.eval(), text_encoder.eval(), tokenizer, history
+
+
+def _evaluate_ema(settings: BaseSettings, vae, unet, text_encoder, tokenizer, ema: EMA) -> dict[str, Any]:
+    import copy
+
+    unet_e, te_e = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    ema.copy_to([unet_e, te_e])
+    pipe = assemble(vae, unet_e, te_e, tokenizer)
+    return base_quality(pipe, settings.eval_prompts, guidance=settings.guidance)
+
+
+def assemble(vae, unet, text_encoder, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# ---------------------------------------------------------------- quality
+
+
+PROMPT_SEED = 4242  # held-in prompts for measuring a base model: a seed no training pool uses
+
+
+def quality_prompts(count: int) -> list[str]:
+    """``count`` fixed held-in prompts (the base grammar, one or two objects)."""
+    ds = base_dataset(count, seed=PROMPT_SEED)
+    return [ds.caption(ds.labels(i)) for i in range(count)]
+
+
+def obeys(asked, seen) -> dict[str, bool]:
+    """Which parts of an asked scene (Labels parsed from a prompt) the detected Labels show."""
+    found = {(o.name, o.colour) for o in seen.objects}
+    objects = all((o.name, o.colour) in found for o in asked.objects)
+    shapes = all(o.name in {s.name for s in seen.objects} for o in asked.objects)
+    positions = objects and all(
+        any(s.name == o.name and s.colour == o.colour and s.position == o.position for s in seen.objects)
+        for o in asked.objects)
+    background = seen.background == asked.background
+    texture = seen.texture == asked.texture
+    return {"shape": shapes, "shape_colour": objects, "background": background, "texture": texture,
+            "position": positions, "scene": objects and background}
+
+
+@torch.inference_mode()
+def generate(pipe, prompts: Sequence[str], steps: int = 20, guidance: float = 4.0, seed: int = 0,
+             batch: int = 32) -> np.ndarray:
+    out = []
+    for s in range(0, len(prompts), batch):
+        chunk = list(prompts[s:s + batch])
+        gen = [torch.Generator().manual_seed(seed + s + i) for i in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                      output_type="np").images
+        out.append((images * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def base_quality(pipe, count: int, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
+    """The detector's verdict on ``count`` held-in prompts: the share of images that show each asked part."""
+    from training.world.captions import parse_caption
+    from training.world.detectors import detect
+
+    prompts = quality_prompts(count)
+    seen = detect(generate(pipe, prompts, steps=steps, guidance=guidance, seed=seed))
+    verdicts = [obeys(parse_caption(p)[0], s) for p, s in zip(prompts, seen)]
+    single = [v for p, v in zip(prompts, verdicts) if " and " not in p]
+    rates = {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
+    rates["scene_single_object"] = float(np.mean([v["scene"] for v in single])) if single else float("nan")
+    return {"prompts": count, "steps": steps, "guidance": guidance, **rates}
+
+
+# ---------------------------------------------------------------- output
+
+
+def save_pipeline(pipe, out: Path, record: dict[str, Any]) -> Path:
+    """Write the pipeline in diffusers format with fp16 weights (atomically), plus its training record."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        (tmp / "training.json").write_text(json.dumps(record["training"], indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(record["metrics"], indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__}
+
+
+def run(settings: BaseSettings, work: Path, out: Path, progress: bool = True, final_prompts: int = 200) -> dict:
+    torch.set_num_threads(settings.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.time()
+    pixels, captions = render_pool(settings, work, progress)
+    times["render_s"] = time.time() - t0
+    t0 = time.time()
+    vae = train_vae(settings, work, pixels, progress)
+    times["vae_s"] = time.time() - t0
+    vae_quality = vae_metrics(vae, _fresh_pixels(500))
+    if progress:
+        print(f"vae: {json.dumps(vae_quality)}", flush=True)
+    t0 = time.time()
+    unet, text_encoder, tokenizer, history = train_unet(settings, work, vae, captions, pixels, progress)
+    times["unet_s"] = time.time() - t0
+    pipe = assemble(vae, unet, text_encoder, tokenizer)
+    final = base_quality(pipe, final_prompts, guidance=settings.guidance)
+    if progress:
+        print(f"final: {json.dumps(final)}", flush=True)
+    record = {"training": {"settings": asdict(settings), "times_s": times, "hardware": hardware(),
+                           "command": "python -m training.world.train_base"},
+              "metrics": {"vae": vae_quality, "base": final, "history": history}}
+    save_pipeline(pipe, out, record)
+    return record
+
+
+def _fresh_pixels(count: int) -> np.ndarray:
+    ds = base_dataset(count, seed=PROMPT_SEED + 1)
+    return np.stack([ds[i].pixels for i in range(count)])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train_base", description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="checkpoints and caches (resumable)")
+    parser.add_argument("--out", type=Path, required=True, help="where the finished diffusers pipeline goes")
+    parser.add_argument("--final-prompts", type=int, default=200)
+    parser.add_argument("--quiet", action="store_true")
+    for f in fields(BaseSettings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = BaseSettings(**{f.name: getattr(args, f.name) for f in fields(BaseSettings)})
+    run(settings, args.work, args.out, progress=not args.quiet, final_prompts=args.final_prompts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
