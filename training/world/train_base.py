@@ -190,7 +190,7 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         step += 1
-        window.append(float(loss))
+        window.append(loss.item())
         if progress and (step % 25 == 0 or step == settings.vae_steps):
             rate = step / max(time.time() - started, 1e-9) if state is None else float("nan")
             print(f"vae step {step}/{settings.vae_steps} loss {np.mean(window):.4f} ({rate:.2f} steps/s)", flush=True)
@@ -261,8 +261,8 @@ def build_scheduler():
 class EMA:
     """Exponential moving average of parameters (warm-started: decay grows as (1+n)/(10+n))."""
 
-    def __init__(self, modules: Sequence[torch.nn.Module], decay: float) -> None:
-        self.params = [p for m in modules for p in m.parameters()]
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float) -> None:
+        self.params = list(params)
         self.shadow = [p.detach().clone() for p in self.params]
         self.decay = decay
 
@@ -272,9 +272,13 @@ class EMA:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
 
     @torch.no_grad()
-    def copy_to(self, modules: Sequence[torch.nn.Module]) -> None:
-        for p, s in zip([p for m in modules for p in m.parameters()], self.shadow):
+    def copy_to(self, params: Sequence[torch.nn.Parameter]) -> None:
+        for p, s in zip(params, self.shadow, strict=True):
             p.copy_(s)
+
+
+def _parameters(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for m in modules for p in m.parameters()]
 
 
 def _snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -301,7 +305,7 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
                                                 pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
-    ema = EMA([unet, text_encoder], settings.ema_decay)
+    ema = EMA(_parameters(unet, text_encoder), settings.ema_decay)
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     path = work / "unet.ckpt"
     key = settings.stage_key("unet")
@@ -350,7 +354,7 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
         opt.step()
         step += 1
         ema.update(step)
-        window.append(float(loss))
+        window.append(loss.item())
         if progress and (step % 25 == 0 or step == settings.unet_steps):
             rate = (step - start_step) / max(time.time() - started, 1e-9)
             eta = (settings.unet_steps - step) / max(rate, 1e-9) / 60
@@ -368,7 +372,7 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
             _save(path, {"key": key, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                          "optimizer": opt.state_dict(), "ema": ema.shadow, "step": step, "history": history,
                          "generator": gen.get_state()})
-    ema.copy_to([unet, text_encoder])
+    ema.copy_to(_parameters(unet, text_encoder))
     return unet.eval(), text_encoder.eval(), tokenizer, history
 
 
@@ -376,7 +380,7 @@ def _evaluate_ema(settings: BaseSettings, vae, unet, text_encoder, tokenizer, em
     import copy
 
     unet_e, te_e = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    ema.copy_to([unet_e, te_e])
+    ema.copy_to(_parameters(unet_e, te_e))
     pipe = assemble(vae, unet_e, te_e, tokenizer)
     return base_quality(pipe, settings.eval_prompts, guidance=settings.guidance)
 

@@ -1,0 +1,265 @@
+"""Train the built-in world video model: an AnimateDiff motion module over the trained world image model.
+
+Run ``python -m training.world.train_video --image DIR --work DIR --out DIR`` after ``train_base``. Only the motion
+modules learn (the image model stays frozen, as in AnimateDiff), on world clips of the four base moves (left, right,
+up, down) captioned "... moving up ...". Checkpoints and resume work as in ``train_base``; ``--out`` receives the
+AnimateDiff pipeline in diffusers format (fp16) with ``training.json`` and ``metrics.json`` (the motion detector's
+verdict on generated clips).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.world.dataset import base_clip_dataset
+from training.world.train_base import (
+    EMA,
+    _atomic_npz,
+    _load,
+    _save,
+    _snr_weights,
+    encode_pool,
+    hardware,
+    save_pipeline,
+    tokenize,
+)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    seed: int = 0
+    clips: int = 6_000
+    steps: int = 1_500
+    batch: int = 4
+    lr: float = 5e-4
+    warmup: int = 100
+    ema_decay: float = 0.995
+    cond_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    eval_prompts: int = 32
+    guidance: float = 4.0
+    threads: int = 2
+
+    def key(self) -> dict[str, Any]:
+        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    seed, start, count = args
+    ds = base_clip_dataset(start + count, seed=seed)
+    items = [ds[i] for i in range(start, start + count)]
+    return np.stack([s.pixels for s in items]), [s.caption for s in items]
+
+
+def render_clips(settings: VideoSettings, work: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """The training clips (cached in ``work``): (clips, 8, 64, 64, 3) uint8 and their captions."""
+    cache = work / f"clips-{settings.seed}-{settings.clips}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["pixels"], json.loads(str(data["captions"]))
+    chunk = 500
+    jobs = [(settings.seed, s, min(chunk, settings.clips - s)) for s in range(0, settings.clips, chunk)]
+    pixels, captions = [], []
+    with ProcessPoolExecutor(max_workers=max(1, settings.threads)) as pool:
+        for i, (p, c) in enumerate(pool.map(_render, jobs)):
+            pixels.append(p)
+            captions += c
+            if progress:
+                print(f"rendered {min((i + 1) * chunk, settings.clips)}/{settings.clips} clips", flush=True)
+    out = np.concatenate(pixels)
+    _atomic_npz(cache, pixels=out, captions=np.array(json.dumps(captions)))
+    return out, captions
+
+
+def motion_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for name, p in unet.named_parameters() if ".motion_modules." in f".{name}"]
+
+
+def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress: bool = True):
+    """Train the motion modules; returns (pipeline with EMA weights, history)."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from core.builtin import SCHEDULER_CONFIG, build_motion_adapter, build_video_pipeline
+
+    image_pipe = StableDiffusionPipeline.from_pretrained(image_dir, torch_dtype=torch.float32, local_files_only=True)
+    adapter = build_motion_adapter(settings.seed)
+    pipe = build_video_pipeline(settings.seed, image_pipe=image_pipe, motion_adapter=adapter)
+    pipe.set_progress_bar_config(disable=True)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    params = motion_parameters(unet)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
+    ema = EMA(params, settings.ema_decay)
+    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    path, key = work / "motion.ckpt", settings.key()
+    step, history, gen = 0, [], torch.Generator().manual_seed(settings.seed + 20)
+    state = _load(path, key)
+    if state is not None:
+        for p, saved in zip(params, state["params"]):
+            p.data.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        ema.shadow = state["ema"]
+        step, history = state["step"], state["history"]
+        gen.set_state(state["generator"])
+    pixels, captions = render_clips(settings, work, progress)
+    latents_path = work / "clip-latents.pt"
+    if latents_path.is_file():
+        means, stds = torch.load(latents_path, weights_only=True)
+    else:
+        if progress:
+            print("encoding the clips with the VAE", flush=True)
+        frames = pixels.reshape(-1, *pixels.shape[2:])
+        means, stds = encode_pool(vae, frames)
+        shape = (len(pixels), pixels.shape[1], *means.shape[1:])
+        means, stds = means.reshape(shape).half(), stds.reshape(shape).half()
+        _save(latents_path, (means, stds))
+    with torch.no_grad():
+        ids = tokenize(tokenizer, captions)
+        empty = text_encoder(tokenize(tokenizer, [""]))[0]
+    frames = means.shape[1]
+    started, window, start_step = time.time(), [], step
+    unet.train()
+    while step < settings.steps:
+        idx = torch.randint(len(means), (settings.batch,), generator=gen)
+        lat = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)
+        lat = lat.permute(0, 2, 1, 3, 4)  # (B, C, F, h, w) as UNetMotionModel takes it
+        with torch.no_grad():
+            cond = text_encoder(ids[idx])[0]
+        drop = torch.rand(len(idx), generator=gen) < settings.cond_dropout
+        cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = noise_scheduler.add_noise(lat, noise, t)
+        lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * 0.5 * (
+            1 + math.cos(math.pi * step / settings.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        pred = unet(noisy, t, cond.repeat_interleave(frames, dim=0)).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (per_sample * _snr_weights(noise_scheduler, t, settings.snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        ema.update(step)
+        window.append(loss.item())
+        if progress and (step % 10 == 0 or step == settings.steps):
+            rate = (step - start_step) / max(time.time() - started, 1e-9)
+            print(f"motion step {step}/{settings.steps} loss {np.mean(window):.4f} lr {lr:.2e} ({rate:.2f} steps/s, "
+                  f"{(settings.steps - step) / max(rate, 1e-9) / 60:.0f} min left)", flush=True)
+            window.clear()
+        if step % settings.eval_every == 0 or step == settings.steps:
+            live = [p.detach().clone() for p in params]
+            ema.copy_to(params)
+            unet.eval()
+            metrics = video_quality(pipe, settings.eval_prompts, guidance=settings.guidance)
+            for p, v in zip(params, live):
+                p.data.copy_(v)
+            unet.train()
+            history.append({"step": step, "elapsed_s": time.time() - started, **metrics})
+            if progress:
+                print(f"eval at step {step}: {json.dumps(metrics)}", flush=True)
+        if step % settings.checkpoint_every == 0 or step == settings.steps:
+            _save(path, {"key": key, "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
+                         "ema": ema.shadow, "step": step, "history": history, "generator": gen.get_state()})
+    ema.copy_to(params)
+    unet.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return pipe, history
+
+
+VIDEO_PROMPT_SEED = 4343
+
+
+def video_prompts(count: int) -> list[str]:
+    """``count`` fixed held-in clip prompts: one shape moving left, right, up or down."""
+    ds = base_clip_dataset(count, seed=VIDEO_PROMPT_SEED)
+    return [ds.caption(ds.labels(i)) for i in range(count)]
+
+
+@torch.inference_mode()
+def generate_clips(pipe, prompts: Sequence[str], steps: int = 20, guidance: float = 4.0, seed: int = 0,
+                   batch: int = 8) -> np.ndarray:
+    out = []
+    for s in range(0, len(prompts), batch):
+        chunk = list(prompts[s:s + batch])
+        gen = [torch.Generator().manual_seed(seed + s + i) for i in range(len(chunk))]
+        frames = pipe(chunk, num_frames=8, num_inference_steps=steps, guidance_scale=guidance, generator=gen,
+                      height=64, width=64, output_type="np").frames
+        out.append((np.asarray(frames) * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def video_quality(pipe, count: int, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
+    """The motion detector's verdict on ``count`` held-in clip prompts: the share moving the asked direction."""
+    from training.world.captions import parse_caption
+    from training.world.detectors import load_detectors
+
+    prompts = video_prompts(count)
+    clips = generate_clips(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
+    seen = load_detectors().detect_clips(list(clips))
+    asked = [parse_caption(p)[0] for p in prompts]
+    direction = [s.motion == a.motion for a, s in zip(asked, seen)]
+    shape = [all(o.name in {x.name for x in s.objects} for o in a.objects) for a, s in zip(asked, seen)]
+    return {"prompts": count, "steps": steps, "guidance": guidance, "direction": float(np.mean(direction)),
+            "shape": float(np.mean(shape))}
+
+
+def run(settings: VideoSettings, work: Path, image_dir: Path, out: Path, progress: bool = True,
+        final_prompts: int = 80) -> dict[str, Any]:
+    torch.set_num_threads(settings.threads)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    pipe, history = train_motion(settings, work, image_dir, progress)
+    train_s = time.time() - t0
+    final = video_quality(pipe, final_prompts, guidance=settings.guidance)
+    if progress:
+        print(f"final: {json.dumps(final)}", flush=True)
+    record = {"training": {"settings": asdict(settings), "image_model": str(image_dir), "times_s": {"train": train_s},
+                           "hardware": hardware(), "command": "python -m training.world.train_video"},
+              "metrics": {"video": final, "history": history}}
+    save_pipeline(pipe, out, record)
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train_video", description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, required=True, help="the trained world image pipeline folder")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--final-prompts", type=int, default=80)
+    parser.add_argument("--quiet", action="store_true")
+    for f in fields(VideoSettings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = VideoSettings(**{f.name: getattr(args, f.name) for f in fields(VideoSettings)})
+    run(settings, args.work, args.image, args.out, progress=not args.quiet, final_prompts=args.final_prompts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
