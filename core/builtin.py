@@ -1,9 +1,12 @@
-"""The built-in default base model: a tiny Stable-Diffusion-architecture pipeline built from configs.
+"""Built-in base models: tiny Stable-Diffusion-architecture pipelines, trained ones shipped and others built here.
 
-No weights can be downloaded, so the project creates its own: a UNet2DConditionModel, an AutoencoderKL, a
-CLIPTextModel and a CLIPTokenizer whose BPE vocabulary is trained here on the words of the project's world.
-It is built once, seeded, and saved in diffusers format; every later load goes through ``from_pretrained``
-like any other local model. Until a trained world model ships, its images are untrained noise patterns.
+No weights can be downloaded, so the project brings its own: a UNet2DConditionModel, an AutoencoderKL, a
+CLIPTextModel and a CLIPTokenizer whose BPE vocabulary is learned here from the words of the project's world.
+``world-sd`` (text to image) and ``world-video`` (AnimateDiff: its UNet plus a MotionAdapter) are trained on the
+shapes world by ``training/world/train_base.py`` and ``train_video.py`` and shipped under ``core/models``;
+``tiny-sd`` and ``tiny-video`` have the same architecture with seeded random weights, built from configs, for fast
+tests. Each is copied or saved in diffusers format on first use; every later load goes through ``from_pretrained``
+like any other local model.
 
 Two more tiny architectures exist for tests only (never saved): ``sd2`` mirrors Stable Diffusion 2.x (linear
 projections in the transformer blocks, per-block head counts, v-prediction, a GELU text encoder like OpenCLIP) and
@@ -14,6 +17,8 @@ from ``sd1``'s, as the real models' do, so an adapter trained on one never fits 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import os
@@ -23,8 +28,14 @@ import threading
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
-DEFAULT_BUILTIN = "tiny-sd"
+TINY_SD = "tiny-sd"  # random weights built from configs: fast tests and development
 TINY_VIDEO = "tiny-video"  # AnimateDiff (UNetMotionModel + MotionAdapter) over tiny-sd, built from configs
+WORLD_SD = "world-sd"  # trained on the shapes world (training/world/train_base.py), shipped in core/models
+WORLD_VIDEO = "world-video"  # its AnimateDiff motion module (training/world/train_video.py), shipped likewise
+SHIPPED_DIR = Path(__file__).resolve().parent / "models"
+SHIPPED = (WORLD_SD, WORLD_VIDEO)
+DEFAULT_BUILTIN = WORLD_SD if (SHIPPED_DIR / WORLD_SD / "model_index.json").is_file() else TINY_SD
+DEFAULT_VIDEO_BUILTIN = WORLD_VIDEO if (SHIPPED_DIR / WORLD_VIDEO / "model_index.json").is_file() else TINY_VIDEO
 VIDEO_FRAMES = 8
 BUILTIN_VERSION = "2"
 IMAGE_SIZE = 64
@@ -124,7 +135,9 @@ def is_builtin(ref: str) -> bool:
 
 
 def builtin_names() -> list[str]:
-    return [DEFAULT_BUILTIN, TINY_VIDEO]
+    """Every built-in model available here: the shipped trained ones first, then those built from configs."""
+    shipped = [name for name in SHIPPED if (SHIPPED_DIR / name / "model_index.json").is_file()]
+    return shipped + [TINY_SD, TINY_VIDEO]
 
 
 def _byte_alphabet() -> list[str]:
@@ -300,22 +313,27 @@ def _build_sdxl(seed: int, tokenizer):
 
 
 def ensure_builtin(models_dir: str | os.PathLike[str], name: str = DEFAULT_BUILTIN) -> Path:
-    """Return the diffusers folder of built-in model ``name``, building and saving it on first use.
+    """Return the diffusers folder of built-in model ``name`` under ``models_dir``, creating it on first use.
 
-    The folder is written to a temp dir and renamed into place, so concurrent starts and crashes never leave
-    a half-saved model behind.
+    Shipped models are copied from the package (so caches written next to the weights never touch the install);
+    the others are built from configs and saved. Either way the folder is written to a temp dir and renamed into
+    place, so concurrent starts and crashes never leave a half-written model behind.
     """
     if name not in builtin_names():
         raise ValueError(f"unknown built-in model {name!r}; available: {', '.join(builtin_names())}")
-    target = Path(models_dir) / f"{name}-v{BUILTIN_VERSION}"
+    version = _shipped_version(name) if name in SHIPPED else BUILTIN_VERSION
+    target = Path(models_dir) / f"{name}-v{version}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        pipe = build_video_pipeline() if name == TINY_VIDEO else build_pipeline()
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "lorastudio_builtin.json").write_text(json.dumps({"name": name, "version": BUILTIN_VERSION}))
+        if name in SHIPPED:
+            shutil.copytree(SHIPPED_DIR / name, tmp, dirs_exist_ok=True)
+        else:
+            pipe = build_video_pipeline() if name == TINY_VIDEO else build_pipeline()
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "lorastudio_builtin.json").write_text(json.dumps({"name": name, "version": version}))
         try:
             os.replace(tmp, target)
         except OSError:
@@ -324,3 +342,14 @@ def ensure_builtin(models_dir: str | os.PathLike[str], name: str = DEFAULT_BUILT
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@functools.lru_cache(maxsize=8)
+def _shipped_version(name: str) -> str:
+    """A shipped model's version: the first 12 hex digits of its weights' SHA-256, so a retrained model never
+    reuses an older copy."""
+    digest = hashlib.sha256()
+    for f in sorted((SHIPPED_DIR / name).rglob("*.safetensors")):
+        digest.update(f.relative_to(SHIPPED_DIR / name).as_posix().encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]

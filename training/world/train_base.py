@@ -47,6 +47,8 @@ class BaseSettings:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
+    vae_logvar_init: float = -6.0  # start with little posterior noise, so reconstruction can be learned at once
+    vae_stop: int = 0  # stop the VAE stage after this many steps (0: run all ``vae_steps``); the schedule is kept
     unet_steps: int = 8_000
     unet_batch: int = 64
     unet_lr: float = 5e-4
@@ -63,7 +65,7 @@ class BaseSettings:
 
     def stage_key(self, stage: str) -> dict[str, Any]:
         """The settings a stage's checkpoint depends on (evaluation and checkpoint cadence excluded)."""
-        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads"}
+        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "vae_stop"}
         if stage == "vae":
             skip |= {f.name for f in fields(self) if f.name.startswith("unet_")} | {"warmup", "ema_decay",
                                                                                     "cond_dropout", "snr_gamma"}
@@ -160,6 +162,8 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
 
     torch.manual_seed(settings.seed)
     vae = AutoencoderKL(**VAE_CONFIG)
+    with torch.no_grad():  # the posterior's log-variance is the second half of quant_conv's output
+        vae.quant_conv.bias[vae.config.latent_channels:] = settings.vae_logvar_init
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     path = work / "vae.ckpt"
     key = settings.stage_key("vae")
@@ -170,13 +174,15 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         gen.set_state(state["generator"])
-    if step >= settings.vae_steps and state is not None and "scaling_factor" in state:
+    last = min(settings.vae_steps, settings.vae_stop or settings.vae_steps)
+    if step >= last and state is not None and "scaling_factor" in state:
         vae.register_to_config(scaling_factor=state["scaling_factor"])
         return vae
     pool = pixels[: settings.vae_pool]
-    started, window = time.time(), []
+    probe = to_tensor(_fresh_pixels(64))
+    started, window, start_step = time.time(), [], step
     vae.train()
-    while step < settings.vae_steps:
+    while step < last:
         idx = torch.randint(len(pool), (settings.vae_batch,), generator=gen).numpy()
         x = recolour(to_tensor(pool[idx]), gen)
         lr = settings.vae_lr * 0.5 * (1 + math.cos(math.pi * step / settings.vae_steps))
@@ -191,11 +197,14 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
         opt.step()
         step += 1
         window.append(loss.item())
-        if progress and (step % 25 == 0 or step == settings.vae_steps):
-            rate = step / max(time.time() - started, 1e-9) if state is None else float("nan")
-            print(f"vae step {step}/{settings.vae_steps} loss {np.mean(window):.4f} ({rate:.2f} steps/s)", flush=True)
+        if progress and (step % 25 == 0 or step == last):
+            rate = (step - start_step) / max(time.time() - started, 1e-9)
+            print(f"vae step {step}/{last} loss {np.mean(window):.4f} ({rate:.2f} steps/s)", flush=True)
             window.clear()
-        if step % settings.checkpoint_every == 0 or step == settings.vae_steps:
+        if progress and step % 100 == 0:
+            print(f"vae step {step}: probe PSNR {_psnr(vae, probe):.2f} dB", flush=True)
+            vae.train()
+        if step % settings.checkpoint_every == 0 or step == last:
             _save(path, {"key": key, "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
                          "generator": gen.get_state()})
     vae.eval()
@@ -204,6 +213,13 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
     _save(path, {"key": key, "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
                  "generator": gen.get_state(), "scaling_factor": scaling})
     return vae
+
+
+@torch.inference_mode()
+def _psnr(vae, x: torch.Tensor) -> float:
+    vae.eval()
+    recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return 10 * math.log10(4.0 / max(float(F.mse_loss(recon, x)), 1e-12))
 
 
 @torch.inference_mode()
