@@ -1,4 +1,4 @@
-"""``lorastudio`` command line: serve, train, generate, worker, jobs, adapters, bench, world."""
+"""``lorastudio`` command line: serve, train, generate, worker, jobs, adapters, bench, eval, world."""
 
 from __future__ import annotations
 
@@ -148,6 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, help="training: alternating rounds, best kept (default 3)")
     bench.add_argument("--threads", type=int, help="training: torch threads of every loop (default 1; 0 = each "
                                                    "loop's own: torch's for the baseline, the trainer's policy)")
+
+    evaluate = sub.add_parser("eval", help="the customization and composition benchmark on the shapes world "
+                                           "(writes results.json and results.md)")
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--profile", choices=["ci", "quick", "full"], default="full",
+                       help="ci: a tiny smoke run; quick: every method and composer, fewer steps, subjects and "
+                            "images (under 10 minutes on 2 CPU cores); full: everything (default)")
+    which.add_argument("--quick", dest="profile", action="store_const", const="quick", help="same as --profile quick")
+    evaluate.add_argument("--base", help="base model (default: the default built-in model)")
+    evaluate.add_argument("--out", type=Path, help="folder for the results (default benchmarks/results/<profile>)")
+    evaluate.add_argument("--seed", type=int, default=0, help="the same seed and profile give the same numbers")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's own)")
+    evaluate.add_argument("--data-dir", type=Path, help="where built-in models are kept (env LORASTUDIO_HOME)")
+    evaluate.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
 
     world = sub.add_parser("world", help="the procedural shapes world: render datasets, list its concepts")
     world_sub = world.add_subparsers(dest="world_command", required=True)
@@ -505,6 +519,33 @@ def _bench_training(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import shlex
+
+    from services.evaluation import DEFAULT_BASE, run_evaluation
+
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    settings = Settings.from_env().with_overrides(data_dir=args.data_dir)
+    started = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {line}", file=sys.stderr, flush=True)
+
+    base = args.base or DEFAULT_BASE
+    command = ["lorastudio", "eval", "--profile", args.profile, "--base", base, "--seed", str(args.seed),
+               "--threads", str(args.threads)]
+    command += ["--out", str(args.out)] if args.out else []
+    command += ["--device", args.device] if args.device else []
+    result = run_evaluation(args.profile, base=base, out=args.out, seed=args.seed, threads=args.threads or None,
+                            models_dir=settings.models_dir, device=args.device, command=shlex.join(command),
+                            progress=progress)
+    print(f"wrote {result.json_path} and {result.markdown_path}")
+    return 0
+
+
 def cmd_world(args: argparse.Namespace) -> int:
     from services.world import list_concepts, render_world, world_attributes
 
@@ -525,7 +566,7 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 COMMANDS = {"serve": cmd_serve, "train": cmd_train, "generate": cmd_generate, "worker": cmd_worker,
             "jobs": cmd_jobs, "adapters": cmd_adapters, "methods": cmd_methods,
-            "bench": cmd_bench, "world": cmd_world}
+            "bench": cmd_bench, "eval": cmd_eval, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

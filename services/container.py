@@ -45,9 +45,12 @@ class Services:
         return job
 
     def train_from_upload(self, files: list, **settings) -> tuple[DatasetInfo, JobInfo]:
-        """Check the settings, store the upload as a dataset, queue the training job."""
-        self.training.check(**settings)
-        dataset = self.datasets.create_dataset(settings["name"], files)
+        """Check the settings, store the upload as a dataset (clips for a motion, at the config's frame count and
+        resolution), queue the training job."""
+        checked = self.training.check(**settings)
+        config = checked["config"]
+        dataset = self.datasets.create_dataset(settings["name"], files, kind=checked["kind"],
+                                               frames=config.get("num_frames"), size=config.get("resolution"))
         return dataset, self.submit_training(dataset_id=dataset.id, **settings)
 
     def submit_generation(self, request: GenerationRequest) -> JobInfo:
@@ -70,7 +73,8 @@ def build_services(settings: Settings, worker_suffix: str = "builtin") -> Servic
     runtime = ModelRuntime(settings.models_dir, choose_placement(settings.device, settings.dtype),
                            single_file_config=settings.base_model_config)
     datasets = DatasetService(sessions, store)
-    training = TrainingService(sessions, store, runtime, datasets.training_records, settings.base_model)
+    training = TrainingService(sessions, store, runtime, datasets.training_records, settings.base_model,
+                               clip_records=datasets.clip_records)
     generation = GenerationService(sessions, store, runtime, settings.base_model)
     catalog = CatalogService(sessions, store)
     interchange = InterchangeService(sessions, store, runtime, settings.base_model)
@@ -112,7 +116,7 @@ def build_device_workers(services: Services, devices: list[str], memory_gb: floa
         placement = choose_placement(device, settings.dtype)
         runtime = ModelRuntime(settings.models_dir, placement, single_file_config=settings.base_model_config)
         training = TrainingService(services.sessions, store, runtime, services.datasets.training_records,
-                                   settings.base_model)
+                                   settings.base_model, clip_records=services.datasets.clip_records)
         generation = GenerationService(services.sessions, store, runtime, settings.base_model)
         interchange = InterchangeService(services.sessions, store, runtime, settings.base_model)
         worker = Worker(

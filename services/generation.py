@@ -6,6 +6,14 @@ for composers that localise adapters (CLoRA, ``AdapterWeight.prompt``). The imag
 the image took (``seconds`` in all, ``sample_seconds`` for the denoise loop and decode), what the composer could
 not do as asked (``notes``, e.g. a fallback from batched per-sample routing) and, for CLoRA, where its region
 preview lies (``regions``).
+
+Video: when the base model is a text-to-video pipeline (AnimateDiff: ``builtin:tiny-video``, ``builtin:world-video``),
+a request makes a clip instead (:meth:`GenerationService.generate_video`, or :meth:`GenerationService.submit` through
+the queue). Adapters attach through the same runtime with one weight each: a motion adapter trained on the video
+model and image adapters of the image model it was built from together (spatial layer paths are the same in the
+motion UNet, so image LoRAs act on the spatial layers). The clip's record is an animated PNG (what the history shows;
+its first frame is what PNG readers see) with an MP4 beside it (a GIF where PyAV cannot encode MP4), named in
+``params["video"]``.
 """
 
 from __future__ import annotations
@@ -15,11 +23,12 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 import composition.methods  # noqa: F401  (registers the built-in composers)
@@ -28,6 +37,8 @@ from composition.methods.clora import CLoRAComposer, parse_concepts, region_colo
 from composition.methods.switch import SwitchComposer
 from composition.routing import router_for
 from composition.sampler import SampleRequest, sample
+from core.animation import DEFAULT_FPS, MAX_FPS, encode_apng, encode_gif, encode_mp4
+from core.builtin import BUILTIN_PREFIX, DEFAULT_VIDEO_BUILTIN, VIDEO_FRAMES
 from core.types import AdapterWeight, GenerationRequest, ImageInfo, JobInfo
 from services import orthogonal_slots
 from services.runtime import ModelRuntime
@@ -38,6 +49,9 @@ from storage.db import writing
 
 MAX_PROMPT_CHARS = 2000
 MAX_COMPARE = 8
+DEFAULT_VIDEO_BASE = BUILTIN_PREFIX + DEFAULT_VIDEO_BUILTIN  # the shipped world video model, else tiny-video
+MIN_VIDEO_FRAMES = 2
+MAX_VIDEO_FRAMES = 64  # the model's own limit (its motion modules' sequence length) is checked when it runs
 
 
 @dataclass(frozen=True)
@@ -140,6 +154,53 @@ def routing_note(composer: Composer, adapter_set: AdapterSet, pipe: Any, weights
     return f"{composer.registry_name}: batched per-sample routing is unavailable ({reason}); {effect}"
 
 
+@dataclass(frozen=True)
+class GeneratedVideo:
+    """A generated clip: its catalog record and its frames, ``(F, H, W, 3)`` uint8."""
+
+    image: ImageInfo
+    frames: np.ndarray
+
+
+def video_file(image: ImageInfo) -> str | None:
+    """The relative path of a generated clip's MP4 (else its GIF), or ``None`` for a still image."""
+    video = image.params.get("video") or {}
+    return video.get("mp4") or video.get("gif")
+
+
+def is_video_pipeline(pipe: Any) -> bool:
+    """Whether a loaded pipeline makes clips (AnimateDiff: it carries a motion adapter)."""
+    return type(pipe).__name__ == "AnimateDiffPipeline" or getattr(pipe, "motion_adapter", None) is not None
+
+
+def render_video(pipe: Any, adapter_set: AdapterSet, weights: Mapping[str, float], *, prompt: str,
+                 negative_prompt: str = "", steps: int = 20, guidance_scale: float = 7.5, seed: int = 0,
+                 frames: int = VIDEO_FRAMES, width: int | None = None, height: int | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Sample one clip with ``adapters`` applied at ``weights`` (0 = off); returns ``(frames, H, W, 3)`` uint8.
+
+    The noise comes from a CPU generator seeded with ``seed``, so a seed gives the same clip on every device type
+    that computes the same way."""
+    import torch
+
+    limit = getattr(pipe.unet.config, "motion_max_seq_length", None)
+    if limit and frames > limit:
+        raise ValueError(f"this video model makes at most {limit} frames per clip, got {frames}")
+    adapter_set.apply(dict(weights))
+
+    def callback(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(i, steps)
+        return tensors
+
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_frames=int(frames),
+               num_inference_steps=int(steps), guidance_scale=float(guidance_scale), width=width, height=height,
+               generator=generator, output_type="np", callback_on_step_end=callback)
+    video = np.asarray(out.frames[0], dtype=np.float32)
+    return np.clip(np.rint(video * 255.0), 0, 255).astype(np.uint8)
+
+
 def _json_safe(report: Mapping[str, Any]) -> dict[str, Any]:
     """The plain-data part of a composer report (tensors such as masks are left out)."""
     out = {}
@@ -174,16 +235,49 @@ class GenerationService:
 
     # submit -----------------------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, priority: int = 1) -> JobInfo:
+    def submit(self, request: GenerationRequest, priority: int = 1, *, base_model: str | None = None,
+               frames: int = VIDEO_FRAMES, fps: float = DEFAULT_FPS) -> JobInfo:
         """Validate and queue. Generation outranks training by default so the UI stays responsive.
 
-        The job's ``payload["warnings"]`` holds :meth:`composition_warnings` for the chosen adapters."""
+        ``base_model``: empty = the chosen adapters' base (a video base when one of them has one), else the default.
+        A video base makes a clip of ``frames`` frames at ``fps`` (its job's ``payload["video"]``). The job's
+        ``payload["warnings"]`` holds :meth:`composition_warnings` for the chosen adapters, or for a clip what the
+        video path does differently (composer, adapters of another base)."""
+        base = self.base_for(request.adapters, base_model)
+        video = self.is_video_base(base)
         with writing(self._sessions) as session:
-            payload = self._payload(session, request)
-            row = jobs.enqueue(session, "generate", payload, title=f"generate: {request.prompt[:40]}",
-                               priority=priority)
+            if video:
+                payload = self._video_payload(session, request, base, frames, fps)
+            else:
+                payload = self._payload(session, request, base_model)
+            title = f"{'video' if video else 'generate'}: {request.prompt[:40]}"
+            row = jobs.enqueue(session, "generate", payload, title=title, priority=priority)
             session.flush()
             return jobs.job_info(row)
+
+    def is_video_base(self, ref: str) -> bool:
+        """Whether base model ``ref`` makes clips; ``False`` for a reference that cannot be resolved."""
+        try:
+            return self._runtime.is_video_base(ref)
+        except ValueError:  # BaseModelError: the image path reports it as before
+            return False
+
+    def base_for(self, adapters: Sequence[AdapterWeight], base_model: str | None = None) -> str:
+        """The base a request runs on: ``base_model`` when given; else the first video base among the adapters'
+        bases (a motion adapter picks its video model), else their (first) base, else the default base."""
+        if base_model and base_model.strip():
+            return base_model.strip()
+        with self._sessions.begin() as session:
+            bases = list(dict.fromkeys(catalog.get_adapter(session, pick.adapter).base_model for pick in adapters))
+        return next((b for b in bases if self.is_video_base(b)), bases[0] if bases else self._default_base)
+
+    def base_choices(self) -> list[str]:
+        """Base models to offer: the default, the built-in models and the bases of catalogued adapters."""
+        from core.builtin import builtin_names
+
+        with self._sessions.begin() as session:
+            used = [row.base_model for row in catalog.list_adapters(session)]
+        return list(dict.fromkeys([self._default_base, *(BUILTIN_PREFIX + n for n in builtin_names()), *used]))
 
     def compare(self, request: GenerationRequest, composers: Sequence[str],
                 configs: Mapping[str, Mapping[str, Any]] | None = None, priority: int = 1) -> list[JobInfo]:
@@ -198,6 +292,8 @@ class GenerationService:
             raise ValueError(f"each composer can be compared once; got {', '.join(names)}")
         if len(names) > MAX_COMPARE:
             raise ValueError(f"compare at most {MAX_COMPARE} composers at once, got {len(names)}")
+        if self.is_video_base(self.base_for(request.adapters)):
+            raise ValueError("comparing composers is for image models; the chosen adapters belong to a video model")
         configs = dict(configs or {})
         requests = [replace(request, composer=name, composer_config=dict(
             configs.get(name, request.composer_config if name == request.composer else {}))) for name in names]
@@ -210,8 +306,9 @@ class GenerationService:
             session.flush()
             return [jobs.job_info(row) for row in rows]
 
-    def _payload(self, session: Session, request: GenerationRequest) -> dict[str, Any]:
-        """Check ``request`` (``ValueError``/``KeyError`` naming the problem) and build its job payload."""
+    @staticmethod
+    def _check_sampling(request: GenerationRequest) -> None:
+        """``ValueError`` naming what is out of range in ``request``'s prompt and sampling settings."""
         if not request.prompt.strip():
             raise ValueError("the prompt is empty")
         if len(request.prompt) > MAX_PROMPT_CHARS or len(request.negative_prompt) > MAX_PROMPT_CHARS:
@@ -222,26 +319,76 @@ class GenerationService:
             raise ValueError(f"guidance must be between 0 and 30, got {request.guidance_scale}")
         if not 0 <= request.seed < 2**63:
             raise ValueError("seed must be a non-negative integer")
+
+    def _payload(self, session: Session, request: GenerationRequest,
+                 base_model: str | None = None) -> dict[str, Any]:
+        """Check ``request`` (``ValueError``/``KeyError`` naming the problem) and build its job payload."""
+        self._check_sampling(request)
         composer_cls = COMPOSERS.get(request.composer)
         config = composer_cls.config_cls.from_dict(request.composer_config)
         rows = [catalog.get_adapter(session, pick.adapter) for pick in request.adapters]
         bases = {row.base_model for row in rows}
         if len(bases) > 1:
             raise ValueError("the chosen adapters were trained on different base models; pick one base")
+        if base_model and base_model.strip() and bases and bases != {base_model.strip()}:
+            raise ValueError(f"the chosen adapters were trained on {bases.pop()}, not on {base_model.strip()}; "
+                             "pick their base model")
         prompts = {row.id: pick.prompt.strip() for row, pick in zip(rows, request.adapters, strict=True)}
         if issubclass(composer_cls, CLoRAComposer):
             prompts |= clora_concepts(request.prompt, config, request.adapters, rows)
         resolved = [{"adapter": row.id, "name": row.name, "weight": float(pick.weight), "prompt": prompts[row.id]}
                     for row, pick in zip(rows, request.adapters, strict=True)]
-        base = bases.pop() if bases else self._default_base
+        base = bases.pop() if bases else ((base_model or "").strip() or self._default_base)
         warnings = orthogonal_slots.composition_warnings(zip(rows, [pick.weight for pick in request.adapters]))
         settings = {key: getattr(config, key) for key in request.composer_config}  # as typed values
         return {"request": asdict(request) | {"adapters": resolved, "composer_config": settings}, "base_model": base,
                 "warnings": warnings}
 
+    def _video_payload(self, session: Session, request: GenerationRequest, base: str, frames: int,
+                       fps: float) -> dict[str, Any]:
+        """Check a clip request on video base ``base`` and build its job payload."""
+        self._check_sampling(request)
+        if not MIN_VIDEO_FRAMES <= int(frames) <= MAX_VIDEO_FRAMES:
+            raise ValueError(f"frames must be between {MIN_VIDEO_FRAMES} and {MAX_VIDEO_FRAMES}, got {frames}")
+        if not 0 < float(fps) <= MAX_FPS:
+            raise ValueError(f"fps must be between 1 and {MAX_FPS}, got {fps}")
+        rows = [catalog.get_adapter(session, pick.adapter) for pick in request.adapters]
+        warnings = []
+        if request.composer != "merge":
+            warnings.append(f"a clip mixes its adapters by their weights (as merge does); the {request.composer} "
+                            "composer is for images and was not used")
+        for row in dict((row.id, row) for row in rows).values():
+            if row.base_model != base:
+                warnings.append(f"{row.name} was trained on {row.base_model}; on {base} it acts on the layers the "
+                                "two models share (the spatial layers)")
+        resolved = [{"adapter": row.id, "name": row.name, "weight": float(pick.weight), "prompt": ""}
+                    for row, pick in zip(rows, request.adapters, strict=True)]
+        record = asdict(request) | {"adapters": resolved, "composer": "merge", "composer_config": {}}
+        return {"request": record, "base_model": base, "warnings": warnings,
+                "video": {"frames": int(frames), "fps": float(fps)}}
+
+    def generate_video(self, prompt: str, *, steps: int = 20, guidance_scale: float = 7.5, seed: int = 0,
+                       frames: int = VIDEO_FRAMES, adapters: Sequence[AdapterWeight] = (), negative_prompt: str = "",
+                       base_model: str | None = None, fps: float = DEFAULT_FPS) -> GeneratedVideo:
+        """Make one clip now, on this runtime (the queue's jobs run the same code): ``adapters`` with one weight
+        each, on ``base_model`` (default: the adapters' video base, else the built-in video model). The clip is
+        stored and recorded like a generated image; ``ValueError`` when the base is not a video model."""
+        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                                    guidance_scale=guidance_scale, adapters=tuple(adapters))
+        base = self.base_for(request.adapters, base_model)
+        if not (base_model and base_model.strip()) and not self.is_video_base(base):
+            base = DEFAULT_VIDEO_BASE
+        if not self.is_video_base(base):
+            raise ValueError(f"{base} is not a video model (an AnimateDiff pipeline); use {DEFAULT_VIDEO_BASE}")
+        with self._sessions.begin() as session:
+            payload = self._video_payload(session, request, base, frames, fps)
+        return self._run_video(payload, None, None)
+
     # run --------------------------------------------------------------------------------------------------
 
     def run_generate_job(self, job: JobInfo, reporter: JobReporter) -> str:
+        if job.payload.get("video"):
+            return self._run_video(job.payload, job, reporter).image.id
         req: dict[str, Any] = dict(job.payload["request"])
         adapters = req.pop("adapters")
         base = job.payload["base_model"]
@@ -301,6 +448,80 @@ class GenerationService:
                               composer=req["composer"], params=params, job_id=job.id, sha256=sha)
             jobs.finish(session, job.id, result_ref=image_id, worker_id=reporter.worker_id)
         return image_id
+
+    def _run_video(self, payload: Mapping[str, Any], job: JobInfo | None,
+                   reporter: JobReporter | None) -> GeneratedVideo:
+        """Render the clip a video payload describes, store it, record it (and finish ``job``)."""
+        req: dict[str, Any] = dict(payload["request"])
+        adapters = req.pop("adapters")
+        base, video = payload["base_model"], payload["video"]
+        with self._sessions.begin() as session:
+            files = []
+            for a in adapters:
+                row = catalog.get_adapter(session, a["adapter"])
+                files.append((row.id, row.sha256, self._store.resolve(row.file_path)))
+        if reporter is not None:
+            reporter.progress(0, req["steps"], message="loading models", force=True)
+        started = time.perf_counter()
+
+        def on_step(i: int, total: int) -> None:
+            if reporter is not None:
+                elapsed = time.perf_counter() - started
+                reporter.progress(i + 1, total, it_per_s=(i + 1) / elapsed if elapsed else None)
+                reporter.check_cancel()
+
+        with self._runtime.lock:
+            pipe = self._runtime.pipeline(base)
+            if not is_video_pipeline(pipe):
+                raise ValueError(f"{base} is not a video model (an AnimateDiff pipeline)")
+            adapter_set = self._runtime.adapter_set(base, files)
+            weights: dict[str, float] = {}
+            for a in adapters:  # one weight per adapter: an adapter picked twice adds up
+                weights[a["adapter"]] = weights.get(a["adapter"], 0.0) + float(a["weight"])
+            sampling = time.perf_counter()
+            clip = render_video(pipe, adapter_set, weights, prompt=req["prompt"],
+                                negative_prompt=req["negative_prompt"], steps=req["steps"],
+                                guidance_scale=req["guidance_scale"], seed=req["seed"], frames=video["frames"],
+                                width=req.get("width"), height=req.get("height"), on_step=on_step)
+            sample_seconds = time.perf_counter() - sampling
+        return self._record_video(payload, req, adapters, clip, job, reporter, time.perf_counter() - started,
+                                  sample_seconds)
+
+    def _record_video(self, payload: Mapping[str, Any], req: dict[str, Any], adapters: list[dict[str, Any]],
+                      clip: np.ndarray, job: JobInfo | None, reporter: JobReporter | None, seconds: float,
+                      sample_seconds: float) -> GeneratedVideo:
+        fps = payload["video"]["fps"]
+        image_id = uuid.uuid4().hex
+        created = datetime.now(timezone.utc)
+        frames, height, width = clip.shape[:3]
+        media: dict[str, Any] = {"frames": int(frames), "fps": fps, "mp4": None, "gif": None}
+        params = {"steps": req["steps"], "guidance_scale": req["guidance_scale"], "width": int(width),
+                  "height": int(height), "base_model": payload["base_model"], "seconds": round(seconds, 3),
+                  "sample_seconds": round(sample_seconds, 3), "composer_config": {},
+                  "notes": list(payload.get("warnings") or ()), "video": media}
+        record = {"id": image_id, "prompt": req["prompt"], "negative_prompt": req["negative_prompt"],
+                  "seed": req["seed"], "adapters": adapters, "composer": "merge", "params": params,
+                  "job_id": job.id if job else None}
+        planned = f"images/{created.date().isoformat()}/{image_id}.png"  # the store's layout, as for regions
+        mp4 = encode_mp4(clip, fps)
+        if mp4 is not None:
+            media["mp4"] = self._store.write_image_media(planned, ".mp4", mp4)
+        else:
+            media["gif"] = self._store.write_image_media(planned, ".gif", encode_gif(clip, fps))
+        try:
+            rel, sha = self._store.write_image(image_id, encode_apng(clip, fps), record, created_at=created)
+        except BaseException:
+            self._store.remove(media["mp4"] or media["gif"])
+            raise
+        with writing(self._sessions) as session:
+            row = catalog.add_image(session, id=image_id, path=rel, prompt=req["prompt"],
+                                    negative_prompt=req["negative_prompt"], seed=req["seed"], adapters=adapters,
+                                    composer="merge", params=params, job_id=job.id if job else None, sha256=sha)
+            if job is not None:
+                jobs.finish(session, job.id, result_ref=image_id,
+                            worker_id=reporter.worker_id if reporter is not None else None)
+            info = catalog.image_info(row)
+        return GeneratedVideo(info, clip)
 
     def _write_regions(self, image, report: Mapping[str, Any], adapters: list[dict[str, Any]], image_id: str,
                        created: datetime) -> dict[str, Any]:

@@ -7,6 +7,7 @@ lock makes that a guarantee rather than a convention.
 from __future__ import annotations
 
 import gc
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from training.artifact import load_adapter
 from training.base import AttachedAdapter
 
 MAX_RESIDENT_ADAPTERS = 16
+VIDEO_PIPELINES = frozenset({"AnimateDiffPipeline"})  # pipelines whose call makes clips (``num_frames``)
 
 
 class ResidentAdapterSet:
@@ -153,6 +155,18 @@ class ModelRuntime:
 
     def base_hash(self, ref: str) -> str:
         return base_model_hash(self.resolve(ref))
+
+    def is_video_base(self, ref: str) -> bool:
+        """Whether ``ref`` is a text-to-video pipeline (``VIDEO_PIPELINES``), read from its ``model_index.json``
+        without loading it; single files and hub ids count as image models."""
+        source = self.resolve(ref)
+        if source.kind not in ("builtin", "folder"):
+            return False
+        try:
+            index = json.loads((Path(source.location) / "model_index.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(index, dict) and index.get("_class_name") in VIDEO_PIPELINES
 
     def fresh_pipeline(self, ref: str):
         """A private pipeline (for training, which changes the UNet); the shared one is released first on GPU."""

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 import training.methods  # noqa: F401  (registers every training method)
+from core.animation import encode_apng
+from core.builtin import BUILTIN_PREFIX, DEFAULT_VIDEO_BUILTIN
 from core.io import atomic_write_bytes
+from core.pipelines import BaseModelSource
 from core.types import CONCEPT_KINDS, JobInfo
 from services import orthogonal_slots
 from services.adapter_records import NewAdapter, job_adapter_id, record_adapter
@@ -23,10 +29,34 @@ from storage.db import writing
 from training.artifact import adapter_file_metadata
 from training.base import METHODS, JobCancelled, TrainResult
 from training.data import ImageCaptionDataset
+from training.motion_trainer import MotionTrainer
 from training.presets import preset_config, preset_for
 from training.trainer import Trainer, latest_checkpoint
+from training.video import ClipDataset, load_clip_folder
 
 _NAME = re.compile(r"^[\w][\w .\-]{0,63}$")
+VIDEO_BASE = "video"
+DEFAULT_VIDEO_BASE = BUILTIN_PREFIX + DEFAULT_VIDEO_BUILTIN  # a motion's base unless one is given
+ClipRecords = Callable[[str], Sequence[tuple[np.ndarray, str]]]
+
+
+def base_kind_of(method: str) -> str:
+    """``"video"`` for methods that train on a video (AnimateDiff) base, else ``"image"``."""
+    return getattr(METHODS.get(method), "base_kind", "image")
+
+
+def is_video_base(source: BaseModelSource) -> bool | None:
+    """Whether a base model is an AnimateDiff video pipeline, from its ``model_index.json``; None when that cannot be
+    told without loading it (hub models, single files)."""
+    if source.kind not in ("builtin", "folder"):
+        return None
+    try:
+        index = json.loads((Path(source.location) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    unet = index.get("unet")
+    return str(index.get("_class_name", "")).startswith("AnimateDiff") or (
+        isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNetMotionModel")
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,17 @@ class _JobCallback:
         self._reporter.progress(step, self.total, preview_path=str(path), message=f"preview at step {step}",
                                 force=True)
 
+    def on_preview_frames(self, step: int, frames) -> None:
+        """A clip preview (video methods call this right after ``on_preview`` with the frames side by side): the
+        step's preview file becomes an animated PNG of the frames, so the Jobs tab and the adapter's gallery card
+        play it, while PNG readers still see its first frame."""
+        path = self._store.job_dir(self._job_id) / "previews" / f"step-{step:06d}.png"
+        atomic_write_bytes(path, encode_apng([np.asarray(f.convert("RGB")) for f in frames]))
+        if path not in self.previews:
+            self.previews.append(path)
+        self._reporter.progress(step, self.total, preview_path=str(path), message=f"preview clip at step {step}",
+                                force=True)
+
     def on_checkpoint(self, step: int, path: Path) -> None:
         self._store.publish_checkpoint(path)  # a shared store: other hosts can resume from it from now on
         self._reporter.progress(step, self.total, message=f"checkpoint saved at step {step}", force=True)
@@ -99,12 +140,19 @@ class _JobCallback:
 
 class TrainingService:
     def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, runtime: ModelRuntime,
-                 dataset_records, default_base: str) -> None:
+                 dataset_records, default_base: str, clip_records: ClipRecords | None = None) -> None:
+        """``dataset_records(id)`` gives an image dataset's (file, caption) pairs; ``clip_records(id)`` a clip
+        dataset's ((F, H, W, 3) uint8 frames, caption) pairs, by default read from the store's dataset folder
+        ``datasets/<id>/<clip>/frame-000.png...`` with ``<clip>.txt`` captions (``training.video``)."""
         self._sessions = sessions
         self._store = store
         self._runtime = runtime
         self._dataset_records = dataset_records
         self._default_base = default_base
+        self._clip_records = clip_records or self._clip_folder_records
+
+    def _clip_folder_records(self, dataset_id: str) -> list[tuple[np.ndarray, str]]:
+        return [(frames, caption) for frames, caption, _ in load_clip_folder(self._store.dataset_dir(dataset_id))]
 
     # catalogue of methods -------------------------------------------------------------------------------
     def list_methods(self) -> list[str]:
@@ -127,12 +175,20 @@ class TrainingService:
         if kind == "subject" and not trigger_word:
             raise ValueError("a subject needs a trigger word (a rare token such as 'sks') to call it up in prompts")
         method_cls = METHODS.get(method)
+        video = base_kind_of(method) == VIDEO_BASE
+        if (kind == "motion") != video:
+            motion_methods = [n for n in METHODS.names() if base_kind_of(n) == VIDEO_BASE]
+            raise ValueError(f"a motion is trained with a video method ({', '.join(motion_methods)}) and only a "
+                             f"motion is; got kind {kind!r} with method {method!r}")
         cfg = method_cls.config_cls.from_dict(preset_config(method, kind, config))
         if kind == "style" and cfg.prior_preservation:
             raise ValueError("class-prior preservation is for subjects: a style has no class to preserve; "
                              "turn prior_preservation off")
-        base = base_model or self._default_base
+        base = base_model or (DEFAULT_VIDEO_BASE if video else self._default_base)
         source = self._runtime.resolve(base)  # a bad base fails now, not in the worker
+        if is_video_base(source) is (not video):
+            raise ValueError(f"method {method!r} trains on {'a video (AnimateDiff)' if video else 'an image'} base "
+                             f"model; {base!r} is {'an image' if video else 'a video'} model")
         payload = {"name": name, "method": method, "kind": kind, "trigger_word": trigger_word,
                    "config": cfg.to_dict(), "base_model": base}
         with self._sessions.begin() as session:
@@ -166,12 +222,18 @@ class TrainingService:
         cfg = method_cls.config_cls.from_dict(p["config"])
         reporter.progress(0, cfg.max_steps, message="loading base model", force=True)
         pipe = self._runtime.fresh_pipeline(p["base_model"])
-        records = self._dataset_records(p["dataset_id"])
-        dataset = ImageCaptionDataset(records, cfg.resolution, flip=cfg.flip)
         work_dir = self._store.job_dir(job.id)  # a shared store brings a newer checkpoint left by another host
         callback = _JobCallback(reporter, self._store, job.id, cfg.max_steps)
-        trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"], callback=callback,
-                          work_dir=work_dir, kind=p["kind"])
+        trainer: Trainer | MotionTrainer
+        if base_kind_of(p["method"]) == VIDEO_BASE:
+            clips = ClipDataset.from_records(self._clip_records(p["dataset_id"]), cfg.num_frames, cfg.resolution)
+            trainer = MotionTrainer(method_cls(cfg), pipe, clips, cfg, trigger_word=p["trigger_word"],
+                                    callback=callback, work_dir=work_dir)
+        else:
+            records = self._dataset_records(p["dataset_id"])
+            dataset = ImageCaptionDataset(records, cfg.resolution, flip=cfg.flip)
+            trainer = Trainer(method_cls(cfg), pipe, dataset, cfg, trigger_word=p["trigger_word"],
+                              callback=callback, work_dir=work_dir, kind=p["kind"])
         reporter.check_cancel()
         resume_from = latest_checkpoint(work_dir)
         if resume_from is not None:

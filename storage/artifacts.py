@@ -3,8 +3,10 @@
 Layout::
 
     datasets/<id>/<nnnn>.png, captions.jsonl
+    datasets/<id>/<clip>/frame-000.png, <clip>.txt, clips.jsonl      (a clip dataset, written as one folder)
     adapters/<id>/adapter.safetensors, adapter_config.json, manifest.json, previews/<n>.png
     images/<YYYY-MM-DD>/<id>.png, <id>.json          (the .json sidecar is the image's catalog record)
+    images/<YYYY-MM-DD>/media/<id>.mp4               (the video of a generated clip)
     jobs/<id>/checkpoints/, previews/, and the job's input files (import.safetensors)
 
 Files are the source of truth and the database is an index: :meth:`ArtifactStore.reindex` rebuilds missing
@@ -80,6 +82,9 @@ def _check_png(data: bytes) -> None:
 
 
 
+_MEDIA_MAGIC = {".mp4": lambda data: data[4:8] == b"ftyp", ".gif": lambda data: data[:6] in (b"GIF87a", b"GIF89a")}
+
+
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
@@ -140,6 +145,28 @@ class ArtifactStore:
         lines = [json.dumps(dict(r), ensure_ascii=False, sort_keys=True, default=str) + "\n" for r in records]
         atomic_write_bytes(self._path(rel), "".join(lines).encode("utf-8"))
         return rel
+
+    def write_dataset_folder(self, dataset_id: str, files: Mapping[str, bytes]) -> dict[str, str]:
+        """Write the whole folder ``datasets/<id>/`` at once (assembled under a temp name, then renamed into place,
+        so nobody sees part of it). ``files`` maps relative POSIX paths (each part a plain file name) to bytes;
+        returns path -> sha256. FileExistsError when the folder exists already."""
+        final = self.dataset_dir(dataset_id)
+        bad = [name for name in files if not all(_FILE_NAME.match(part) for part in name.split("/"))]
+        if bad or not files:
+            raise ValueError(f"invalid dataset file names: {bad[:3]}" if bad else "a dataset folder needs files")
+        if final.exists():
+            raise FileExistsError(f"dataset folder datasets/{dataset_id} already exists")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dataset_id}.", suffix=".tmp", dir=final.parent))
+        try:
+            digests = {name: atomic_write_bytes(tmp.joinpath(*name.split("/")), data) for name, data in files.items()}
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(final.parent)
+        return digests
 
     def dataset_dir(self, dataset_id: str) -> Path:
         return self._path(f"datasets/{_check_id(dataset_id, 'dataset id')}")
@@ -240,6 +267,23 @@ class ArtifactStore:
         _check_png(png_bytes)
         rel = f"images/{day}/regions/{image_id}.png"
         atomic_write_bytes(self._path(rel), png_bytes)
+        return rel
+
+    def write_image_media(self, image_rel: str, suffix: str, data: bytes) -> str:
+        """Write the video (``.mp4``) or animation (``.gif``) of generated image ``images/<date>/<id>.png`` as
+        ``images/<date>/media/<id><suffix>`` (atomically; outside what :meth:`reindex` reads); returns its path."""
+        parts = PurePosixPath(image_rel).parts
+        if len(parts) != 3 or parts[0] != "images" or not parts[2].endswith(".png"):
+            raise ValueError(f"not a generated image path: {image_rel!r}")
+        image_id = _check_id(parts[2][: -len(".png")], "image id")
+        day = _check_id(parts[1], "image folder")
+        magic = _MEDIA_MAGIC.get(suffix)
+        if magic is None:
+            raise ValueError(f"unsupported media suffix {suffix!r}; expected one of {', '.join(_MEDIA_MAGIC)}")
+        if not magic(data):
+            raise ValueError(f"expected {suffix} bytes")
+        rel = f"images/{day}/media/{image_id}{suffix}"
+        atomic_write_bytes(self._path(rel), data)
         return rel
 
     # jobs -------------------------------------------------------------------------------------------------

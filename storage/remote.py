@@ -290,6 +290,19 @@ class MirroredArtifactStore(ArtifactStore):
         self._publish_files([rel])
         return rel
 
+    def write_dataset_folder(self, dataset_id: str, files: Mapping[str, bytes]) -> dict[str, str]:
+        """As the base store, then the folder is published; FileExistsError when it exists remotely already."""
+        rel = f"datasets/{_check_id(dataset_id, 'dataset id')}"
+        if self._exists(rel):
+            raise FileExistsError(f"dataset folder {rel} already exists in {self.shown_url}")
+        digests = super().write_dataset_folder(dataset_id, files)
+        try:
+            self._publish_tree(rel)
+        except BaseException:
+            ArtifactStore.remove(self, rel)
+            raise
+        return digests
+
     def write_adapter(self, adapter_id: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                       config: Mapping[str, Any], manifest: Mapping[str, Any]) -> StoredAdapter:
         """As the base store, then the folder is published; FileExistsError when it exists remotely already."""
@@ -319,6 +332,12 @@ class MirroredArtifactStore(ArtifactStore):
     def write_image_regions(self, image_rel: str, png_bytes: bytes) -> str:
         """As the base store, then published (the CLoRA region preview of a generated image)."""
         rel = super().write_image_regions(image_rel, png_bytes)
+        self._publish_files([rel])
+        return rel
+
+    def write_image_media(self, image_rel: str, suffix: str, data: bytes) -> str:
+        """As the base store, then published (the video of a generated clip)."""
+        rel = super().write_image_media(image_rel, suffix, data)
         self._publish_files([rel])
         return rel
 

@@ -43,6 +43,8 @@ _add("orthogonal", "style", "Style that merges with other orthogonal concepts: r
 _add("scedit", "subject", "Subject: full-width skip tuners, 400 steps", down_ratio=1.0, max_steps=400, flip=False)
 _add("scedit", "style", "Style (SCEdit's home ground): full-width skip tuners, flips on, 600 steps",
      down_ratio=1.0, max_steps=600, flip=True)
+_add("motion_director", "motion", "Motion on the built-in tiny video model: rank 8, 8-frame clips, 300 steps",
+     rank=8, num_frames=8, max_steps=300, flip=False)
 
 
 def preset_for(method: str, kind: str) -> Preset:

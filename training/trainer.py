@@ -134,7 +134,42 @@ def _json_safe(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
-class Trainer:
+class SeededLoop:
+    """What every training loop here shares: seeding all generators from ``config.seed`` and running on the right
+    number of CPU threads (``cpu_threads``; None: one thread for small UNets, which gain nothing from more)."""
+
+    config: Any
+    pipe: Any
+    device: Any
+    cpu_threads: int | None
+
+    def _seed_everything(self) -> None:
+        seed = self.config.seed
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.noise_gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.offset = 0, 0
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        before = torch.get_num_threads()
+        wanted = self.cpu_threads
+        if wanted is None:
+            small = sum(p.numel() for p in self.pipe.unet.parameters()) < SMALL_UNET_PARAMS
+            wanted = 1 if small else before
+        if self.device.type != "cpu" or wanted == before:
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+class Trainer(SeededLoop):
     """Trains ``method`` on ``dataset`` with ``pipe``'s frozen base model; ``run()`` returns a ``TrainResult``.
 
     The pipeline is left as it was found (adapter removed, devices, train/eval modes and ``requires_grad`` flags
@@ -175,15 +210,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- setup --
 
-    def _seed_everything(self) -> None:
-        seed = self.config.seed
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        self.noise_gen = torch.Generator().manual_seed(seed)
-        self.epoch, self.offset = 0, 0
-        self._perm_epoch, self._perm = -1, np.arange(0)
-
     @contextlib.contextmanager
     def _pipeline_borrowed(self) -> Iterator[None]:
         """Freeze the pipeline for training and put back everything touched, whatever happens."""
@@ -216,22 +242,6 @@ class Trainer:
                 if next(m.parameters()).device != devices[name]:
                     m.to(devices[name])
             pipe._progress_bar_config = progress
-
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        before = torch.get_num_threads()
-        wanted = self.cpu_threads
-        if wanted is None:
-            small = sum(p.numel() for p in self.pipe.unet.parameters()) < SMALL_UNET_PARAMS
-            wanted = 1 if small else before
-        if self.device.type != "cpu" or wanted == before:
-            yield
-            return
-        torch.set_num_threads(wanted)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
 
     def _setup(self) -> None:
         cfg = self.config

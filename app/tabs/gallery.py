@@ -1,5 +1,8 @@
 """Gallery tab: adapter cards with previews and metadata; search, tags, rename, delete/restore, download, kohya
-export, and import of kohya/diffusers/peft LoRA files (queued as an ``import`` job and followed to its end)."""
+export, and import of kohya/diffusers/peft LoRA files (queued as an ``import`` job and followed to its end).
+
+A motion adapter's preview is a clip (an animated PNG, or a GIF): its card plays it, and the selected adapter's
+preview is shown larger beside its details."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from app.widgets import error
 from services.container import Services
 
 POLL_SECONDS = 0.25  # how often a running import job is looked at
+MOTION_KIND = "motion"
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ def render(services: Services, placeholder: str) -> GalleryTab:
         with gr.Row():
             with gr.Column(scale=2):
                 detail = gr.Markdown("Select an adapter to see its details.", elem_id="gallery-detail")
+                preview = gr.Image(label="Preview", type="filepath", interactive=False, height=256, visible=False,
+                                   elem_id="gallery-preview")
             with gr.Column(scale=1):
                 new_name = gr.Textbox(label="Rename to", elem_id="gallery-rename")
                 rename = gr.Button("Rename")
@@ -66,16 +72,24 @@ def render(services: Services, placeholder: str) -> GalleryTab:
                   if a.preview_paths else placeholder, adapter_caption(a)) for a in adapters]
         return items, [a.id for a in adapters]
 
+    def preview_of(a) -> dict:
+        """The adapter's preview, as on its card (played when it is a clip: motion adapters); hidden without one."""
+        if not a.preview_paths:
+            return gr.update(visible=False, value=None)
+        label = "Preview (clip)" if a.kind == MOTION_KIND else "Preview"
+        path = services.catalog.artifact_path(a.preview_paths[0]).as_posix()
+        return gr.update(visible=True, label=label, value=path)
+
     def show(adapter_id: str | None):
         hidden = gr.update(visible=False)
         if not adapter_id:
-            return ("Select an adapter to see its details.", "", "", hidden, hidden, hidden, hidden, hidden)
+            return ("Select an adapter to see its details.", "", "", hidden, hidden, hidden, hidden, hidden, hidden)
         a = services.catalog.get_adapter(adapter_id)
         deleted = a.deleted
         file_path = str(services.catalog.adapter_file(adapter_id))
         return (adapter_detail_md(a) + ("\n\n**In the trash.**" if deleted else ""), a.name, ", ".join(a.tags),
                 gr.update(visible=True, value=file_path), gr.update(visible=not deleted),
-                gr.update(visible=deleted), gr.update(visible=not deleted), hidden)
+                gr.update(visible=deleted), gr.update(visible=not deleted), hidden, preview_of(a))
 
     def export_kohya(adapter_id: str | None):
         if not adapter_id:
@@ -126,7 +140,7 @@ def render(services: Services, placeholder: str) -> GalleryTab:
             return adapter_id
         return run
 
-    detail_outputs = [detail, new_name, tags, download, delete, restore, export, exported]
+    detail_outputs = [detail, new_name, tags, download, delete, restore, export, exported, preview]
     refresh_outputs = [cards, ids]
     search.submit(load, [search, show_trash], refresh_outputs)
     refresh.click(load, [search, show_trash], refresh_outputs, api_name="list_adapters")

@@ -1,5 +1,7 @@
-"""Generate tab: prompt, sampling settings, the composer and its settings, adapters with one weight slider and one
-concept word (CLoRA) each; the result with CLoRA's region preview, a side-by-side comparison of composers, history."""
+"""Generate tab: prompt, sampling settings, the base model, the composer and its settings, adapters with one weight
+slider and one concept word (CLoRA) each; the result with CLoRA's region preview, a side-by-side comparison of
+composers, history. A video base model (AnimateDiff, e.g. ``builtin:tiny-video``, or the base of a chosen motion
+adapter) makes a clip, played in the result's video player."""
 
 from __future__ import annotations
 
@@ -10,13 +12,17 @@ import gradio as gr
 
 from app.formatting import compare_caption, generation_status_md
 from app.widgets import error, field_input
+from core.builtin import VIDEO_FRAMES
 from core.types import AdapterWeight, GenerationRequest
 from services.container import Services
+from services.generation import MAX_VIDEO_FRAMES, MIN_VIDEO_FRAMES, video_file
 
 ADAPTER_SLOTS = 4
 POLL_SECONDS = 0.25
 DEFAULT_COMPOSER = "merge"
 DEFAULT_COMPARE = ("merge", "switch", "composite")
+AUTO_BASE = ("automatic: the adapters' base, else the default", "")
+MAX_FRAMES_SHOWN = 32  # the built-in video model's motion modules take at most 32 frames
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class GenerateTab:
     history_items: object
     regions: gr.Image
     compare_gallery: gr.Gallery
+    video: gr.Video
+    base: gr.Dropdown
 
 
 def _request(text, neg, seed_value, n_steps, cfg, composer_name, slots, settings: dict | None) -> GenerationRequest:
@@ -57,8 +65,15 @@ def render(services: Services) -> GenerateTab:
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="gen-seed")
                     steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="gen-steps")
                     guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen-guidance")
+                with gr.Row():
+                    base = gr.Dropdown([AUTO_BASE, *services.generation.base_choices()], value="",
+                                       allow_custom_value=True, label="Base model", scale=3,
+                                       info="a video model (AnimateDiff) makes a clip", elem_id="gen-base")
+                    frames = gr.Slider(MIN_VIDEO_FRAMES, min(MAX_VIDEO_FRAMES, MAX_FRAMES_SHOWN), value=VIDEO_FRAMES,
+                                       step=1, label="Frames (video models)", scale=2, elem_id="gen-frames")
                 composer = gr.Dropdown(composers, value=default, label="Composer",
-                                       info="how several adapters are combined", elem_id="gen-composer")
+                                       info="how several adapters are combined (a clip mixes them by weight)",
+                                       elem_id="gen-composer")
                 settings = gr.State({})
                 with gr.Accordion("Composer settings", open=False, elem_id="gen-composer-settings"):
 
@@ -96,6 +111,8 @@ def render(services: Services) -> GenerateTab:
                     compare_go = gr.Button("Compare composers", elem_id="gen-compare-submit")
             with gr.Column(scale=2):
                 result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="gen-result")
+                video = gr.Video(label="Result (clip)", interactive=False, autoplay=True, loop=True, visible=False,
+                                 elem_id="gen-video")
                 regions = gr.Image(label="Regions (CLoRA)", type="filepath", interactive=False, visible=localises,
                                    elem_id="gen-regions")
                 status = gr.Markdown(elem_id="gen-status")
@@ -120,12 +137,17 @@ def render(services: Services) -> GenerateTab:
         return ({}, gr.update(visible=shown), *[gr.update(visible=shown) for _ in concepts])
 
     def on_generate(text, neg, seed_value, n_steps, cfg, composer_name, *rest):
+        """``rest``: the adapter slots, the composer settings, then the base model and frame count (both optional,
+        so callers of the API from before video generation keep working)."""
         slots, chosen = rest[:3 * ADAPTER_SLOTS], rest[3 * ADAPTER_SLOTS]
+        base_ref, n_frames = (*rest[3 * ADAPTER_SLOTS + 1:], "", VIDEO_FRAMES)[:2]
         try:
             request = _request(text, neg, seed_value, n_steps, cfg, composer_name, slots, chosen)
-            job = services.submit_generation(request)
+            job = services.generation.submit(request, base_model=(base_ref or "").strip() or None,
+                                             frames=int(n_frames or VIDEO_FRAMES))
         except (ValueError, KeyError) as exc:
             raise error(exc) from None
+        services.worker.wake()
         for warning in job.payload.get("warnings", ()):
             gr.Warning(warning)
         yield None, f"queued job `{job.id[:8]}`…", gr.update(), None
@@ -146,8 +168,20 @@ def render(services: Services) -> GenerateTab:
         rel = services.generation.get_image(image_id).regions_path
         return gr.update(value=path_of(rel) if rel else None, visible=shown or rel is not None)
 
+    def show_video(image_id: str | None):
+        """The clip's MP4 in the video player (the still result hidden), or the still result alone."""
+        rel = video_file(services.generation.get_image(image_id)) if image_id else None
+        if rel is None or not rel.endswith(".mp4"):  # a GIF (no MP4 encoder here) plays in the image result
+            return gr.update(value=None, visible=False), gr.update(visible=True)
+        return gr.update(value=path_of(rel), visible=True), gr.update(visible=False)
+
     def on_compare(text, neg, seed_value, n_steps, cfg, composer_name, *rest):
+        """``rest``: the adapter slots, the composers to compare, the composer settings, then the base model
+        (optional)."""
         slots, picked, chosen = rest[:3 * ADAPTER_SLOTS], rest[3 * ADAPTER_SLOTS], rest[3 * ADAPTER_SLOTS + 1]
+        base_ref = (rest[3 * ADAPTER_SLOTS + 2] if len(rest) > 3 * ADAPTER_SLOTS + 2 else "") or ""
+        if base_ref.strip() and services.generation.is_video_base(base_ref.strip()):
+            raise gr.Error("comparing composers is for image models; pick an image base model")
         try:
             request = _request(text, neg, seed_value, n_steps, cfg, composer_name, slots, chosen)
             queued = services.generation.compare(request, list(picked or []))
@@ -172,12 +206,19 @@ def render(services: Services) -> GenerateTab:
         lines = [f"compared {len(items)} composer(s) · seed {request.seed}"] + [f"⚠️ {f}" for f in failures]
         yield items, "\n\n".join(lines)
 
+    def base_choices():
+        return gr.update(choices=[AUTO_BASE, *services.generation.base_choices()])
+
     form = [prompt, negative, seed, steps, guidance, composer, *pickers, *sliders, *concepts]
     refresh.click(adapter_choices, None, pickers, api_name="adapter_choices")
+    refresh.click(base_choices, None, base, api_visibility="undocumented")
     tab.select(adapter_choices, None, pickers, api_visibility="undocumented")  # adapters trained since load
     composer.change(on_composer, composer, [settings, regions, *concepts], api_visibility="undocumented")
-    go.click(on_generate, [*form, settings], [result, status, history, last_image], concurrency_limit=8,
-             api_name="generate").then(show_regions, [last_image, composer], regions, api_visibility="undocumented")
-    compare_go.click(on_compare, [*form, compare_pick, settings], [compare_gallery, status], concurrency_limit=8,
+    generated = go.click(on_generate, [*form, settings, base, frames], [result, status, history, last_image],
+                         concurrency_limit=8, api_name="generate")
+    generated.then(show_regions, [last_image, composer], regions, api_visibility="undocumented")
+    generated.then(show_video, last_image, [video, result], api_visibility="undocumented")
+    compare_go.click(on_compare, [*form, compare_pick, settings, base], [compare_gallery, status], concurrency_limit=8,
                      api_name="compare")
-    return GenerateTab(pickers, refresh, result, adapter_choices, history, history_items, regions, compare_gallery)
+    return GenerateTab(pickers, refresh, result, adapter_choices, history, history_items, regions, compare_gallery,
+                       video, base)

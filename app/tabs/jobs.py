@@ -1,5 +1,5 @@
-"""Jobs tab: the live queue with progress bars; one job's loss curve, preview and log; cancel, retry,
-move to top, save now and sample now."""
+"""Jobs tab: the live queue with progress bars; one job's loss curve, preview (played when it is a clip, as a
+motion job's are) and log; cancel, retry, move to top, save now and sample now."""
 
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ def render(services: Services) -> JobsTab:
         if job is None:
             return job_table_html(jobs), gr.update(choices=choices, value=None), "", None, None
         curve = pd.DataFrame({"step": list(range(1, len(job.losses) + 1)), "loss": list(job.losses)})
+        clip = job.payload.get("kind") == "motion"  # its previews are clips (animated PNGs): the image plays them
+        preview_update = gr.update(value=job.progress.preview_path,
+                                   label="Latest preview (clip)" if clip else "Latest preview")
         return (job_table_html(jobs), gr.update(choices=choices, value=current), job_detail_md(job), curve,
-                job.progress.preview_path)
+                preview_update)
 
     def job_log(job_id: str | None) -> str:
         if not job_id:

@@ -396,7 +396,8 @@ def test_detect_format_and_header_hints() -> None:
     assert header_hints({}) == {}
 
 
-@pytest.mark.parametrize("name", sorted(METHODS.names()))
+@pytest.mark.parametrize("name", sorted(n for n in METHODS.names()  # video methods: test_motion_director
+                                     if getattr(METHODS.get(n), "base_kind", "image") == "image"))
 def test_every_exportable_method_loads_in_diffusers_as_exported(name: str, pipe, fresh) -> None:
     """Whatever ``export_lora`` says a method's update is, diffusers gets exactly that from the kohya file."""
     cls = METHODS.get(name)

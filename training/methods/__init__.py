@@ -1,3 +1,3 @@
 """Training methods; importing this package registers every one of them in ``training.base.METHODS``."""
 
-from training.methods import lora, orthogonal, scedit, tlora  # noqa: F401
+from training.methods import lora, motion_director, orthogonal, scedit, tlora  # noqa: F401

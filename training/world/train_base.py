@@ -47,8 +47,11 @@ class BaseSettings:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
+    vae_object_weight: float = 9.0  # extra loss weight on object pixels (objects are small next to the background)
+    vae_recolour: float = 0.3  # share of VAE batches' images whose colours are permuted/inverted
     vae_logvar_init: float = -6.0  # start with little posterior noise, so reconstruction can be learned at once
     vae_stop: int = 0  # stop the VAE stage after this many steps (0: run all ``vae_steps``); the schedule is kept
+    unet_stop: int = 0  # likewise for the UNet stage: a time-boxed run, continued later from its checkpoint
     unet_steps: int = 8_000
     unet_batch: int = 64
     unet_lr: float = 5e-4
@@ -62,10 +65,11 @@ class BaseSettings:
     eval_prompts: int = 64
     guidance: float = 4.0
     threads: int = 2
+    init_from: str = ""  # a world pipeline folder (e.g. the shipped one) to start every stage from: continue training
 
     def stage_key(self, stage: str) -> dict[str, Any]:
         """The settings a stage's checkpoint depends on (evaluation and checkpoint cadence excluded)."""
-        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "vae_stop"}
+        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "vae_stop", "unet_stop"}
         if stage == "vae":
             skip |= {f.name for f in fields(self) if f.name.startswith("unet_")} | {"warmup", "ema_decay",
                                                                                     "cond_dropout", "snr_gamma"}
@@ -75,31 +79,34 @@ class BaseSettings:
 # ---------------------------------------------------------------- data
 
 
-def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+def _render(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     seed, start, count = args
     ds = base_dataset(start + count, seed=seed)
     items = [ds[i] for i in range(start, start + count)]
-    return np.stack([s.pixels for s in items]), [s.caption for s in items]
+    masks = np.stack([s.masks.max(axis=0) for s in items])  # where any object is, 0..255
+    return np.stack([s.pixels for s in items]), masks, [s.caption for s in items]
 
 
-def render_pool(settings: BaseSettings, work: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
-    """The rendered training images (cached in ``work``): (pool, 64, 64, 3) uint8 and their captions."""
+def render_pool(settings: BaseSettings, work: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The rendered training images (cached in ``work``): pixels, the union of their objects' masks, captions."""
     cache = work / f"pool-{settings.seed}-{settings.pool}.npz"
     if cache.is_file():
         data = np.load(cache)
-        return data["pixels"], json.loads(str(data["captions"]))
+        if "masks" in data:
+            return data["pixels"], data["masks"], json.loads(str(data["captions"]))
     chunk = 2_000
     jobs = [(settings.seed, s, min(chunk, settings.pool - s)) for s in range(0, settings.pool, chunk)]
-    pixels, captions = [], []
+    pixels, masks, captions = [], [], []
     with ProcessPoolExecutor(max_workers=max(1, settings.threads)) as pool:
-        for i, (p, c) in enumerate(pool.map(_render, jobs)):
+        for i, (p, m, c) in enumerate(pool.map(_render, jobs)):
             pixels.append(p)
+            masks.append(m)
             captions += c
             if progress:
                 print(f"rendered {min((i + 1) * chunk, settings.pool)}/{settings.pool}", flush=True)
-    out = np.concatenate(pixels)
-    _atomic_npz(cache, pixels=out, captions=np.array(json.dumps(captions)))
-    return out, captions
+    out, out_masks = np.concatenate(pixels), np.concatenate(masks)
+    _atomic_npz(cache, pixels=out, masks=out_masks, captions=np.array(json.dumps(captions)))
+    return out, out_masks, captions
 
 
 def _atomic_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -117,15 +124,16 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def recolour(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random channel permutations, inversions and flips: the VAE sees colours beyond the world's eight."""
+def recolour(x: torch.Tensor, generator: torch.Generator, share: float = 1.0) -> torch.Tensor:
+    """Channel permutations and inversions for ``share`` of the images: the VAE sees colours beyond the world's
+    eight."""
     b = x.shape[0]
     perms = torch.stack([torch.randperm(3, generator=generator) for _ in range(b)])
+    keep = torch.rand(b, generator=generator) >= share
+    perms[keep] = torch.arange(3)
     x = torch.gather(x, 1, perms[:, :, None, None].expand_as(x))
-    invert = torch.rand(b, generator=generator) < 0.25
-    x = torch.where(invert[:, None, None, None], -x, x)
-    flip = torch.rand(b, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    invert = (torch.rand(b, generator=generator) < 0.25) & ~keep
+    return torch.where(invert[:, None, None, None], -x, x)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -151,10 +159,27 @@ def _load(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def _warm_start(model: torch.nn.Module, folder: str, component: str) -> bool:
+    """Load ``folder/component``'s safetensors weights into ``model`` (same architecture) when ``folder`` has them;
+    a folder without that component leaves ``model`` as it is (e.g. a VAE-only progress folder)."""
+    if not folder:
+        return False
+    if not Path(folder).is_dir():
+        raise ValueError(f"--init-from {folder}: no such folder")
+    from safetensors.torch import load_file
+
+    files = sorted((Path(folder) / component).glob("*.safetensors"))
+    if not files:
+        return False
+    state = {k: v.float() for f in files for k, v in load_file(f).items()}
+    model.load_state_dict(state, strict=True)
+    return True
+
+
 # ---------------------------------------------------------------- VAE
 
 
-def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: bool = True):
+def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, masks: np.ndarray, progress: bool = True):
     """Train the AutoencoderKL; returns it with ``scaling_factor`` set so scaled latents have unit variance."""
     from diffusers import AutoencoderKL
 
@@ -164,6 +189,7 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
     vae = AutoencoderKL(**VAE_CONFIG)
     with torch.no_grad():  # the posterior's log-variance is the second half of quant_conv's output
         vae.quant_conv.bias[vae.config.latent_channels:] = settings.vae_logvar_init
+    _warm_start(vae, settings.init_from, "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     path = work / "vae.ckpt"
     key = settings.stage_key("vae")
@@ -184,13 +210,18 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, progress: 
     vae.train()
     while step < last:
         idx = torch.randint(len(pool), (settings.vae_batch,), generator=gen).numpy()
-        x = recolour(to_tensor(pool[idx]), gen)
+        x = recolour(to_tensor(pool[idx]), gen, settings.vae_recolour)
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        weight = 1.0 + settings.vae_object_weight * torch.from_numpy(masks[idx]).float()[:, None].div(255.0)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        weight = torch.where(flip[:, None, None, None], weight.flip(-1), weight)
         lr = settings.vae_lr * 0.5 * (1 + math.cos(math.pi * step / settings.vae_steps))
         for group in opt.param_groups:
             group["lr"] = lr
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + settings.vae_kl * posterior.kl().mean()
+        error = (recon - x).abs() + (recon - x).square()
+        loss = (error * weight).sum() / (weight.sum() * 3) + settings.vae_kl * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -250,6 +281,16 @@ def vae_metrics(vae, pixels: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- UNet and text encoder
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def build_tokenizer(max_tokens: int):
@@ -319,6 +360,8 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                                 eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG))
+    _warm_start(unet, settings.init_from, "unet")
+    _warm_start(text_encoder, settings.init_from, "text_encoder")
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
     ema = EMA(_parameters(unet, text_encoder), settings.ema_decay)
@@ -334,7 +377,7 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
         ema.shadow = state["ema"]
         step, history = state["step"], state["history"]
         gen.set_state(state["generator"])
-    latents_path = work / "latents.pt"
+    latents_path = work / f"latents-{_fingerprint(vae)}.pt"  # tied to the VAE that encoded them
     if latents_path.is_file():
         means, stds = torch.load(latents_path, weights_only=True)
     else:
@@ -348,7 +391,8 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
     started, window, start_step = time.time(), [], step
     unet.train()
     text_encoder.train()
-    while step < settings.unet_steps:
+    last = min(settings.unet_steps, settings.unet_stop or settings.unet_steps)
+    while step < last:
         idx = torch.randint(len(means), (settings.unet_batch,), generator=gen)
         latents = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)
         tokens = ids[idx].clone()
@@ -377,14 +421,14 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
             print(f"unet step {step}/{settings.unet_steps} loss {np.mean(window):.4f} lr {lr:.2e} "
                   f"({rate:.2f} steps/s, {eta:.0f} min left)", flush=True)
             window.clear()
-        if step % settings.eval_every == 0 or step == settings.unet_steps:
+        if step % settings.eval_every == 0 or step == last:
             metrics = _evaluate_ema(settings, vae, unet, text_encoder, tokenizer, ema)
             history.append({"step": step, "elapsed_s": time.time() - started, **metrics})
             if progress:
                 print(f"eval at step {step}: {json.dumps(metrics)}", flush=True)
             unet.train()
             text_encoder.train()
-        if step % settings.checkpoint_every == 0 or step == settings.unet_steps:
+        if step % settings.checkpoint_every == 0 or step == last:
             _save(path, {"key": key, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                          "optimizer": opt.state_dict(), "ema": ema.shadow, "step": step, "history": history,
                          "generator": gen.get_state()})
@@ -482,6 +526,21 @@ def save_pipeline(pipe, out: Path, record: dict[str, Any]) -> Path:
     return out
 
 
+def save_vae(vae, out: Path, record: dict[str, Any]) -> Path:
+    """Write a VAE (fp32, diffusers format) and its record atomically: a stage's progress, to continue from."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        (tmp / "record.json").write_text(json.dumps(record, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def hardware() -> dict[str, Any]:
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -489,19 +548,27 @@ def hardware() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
-def run(settings: BaseSettings, work: Path, out: Path, progress: bool = True, final_prompts: int = 200) -> dict:
+def run(settings: BaseSettings, work: Path, out: Path, progress: bool = True, final_prompts: int = 200,
+        stages: str = "all") -> dict:
+    """Train the stages (``all``, or ``vae`` alone: then ``out`` receives the VAE and its record only)."""
     torch.set_num_threads(settings.threads)
     work.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.time()
-    pixels, captions = render_pool(settings, work, progress)
+    pixels, masks, captions = render_pool(settings, work, progress)
     times["render_s"] = time.time() - t0
     t0 = time.time()
-    vae = train_vae(settings, work, pixels, progress)
+    vae = train_vae(settings, work, pixels, masks, progress)
     times["vae_s"] = time.time() - t0
     vae_quality = vae_metrics(vae, _fresh_pixels(500))
     if progress:
         print(f"vae: {json.dumps(vae_quality)}", flush=True)
+    if stages == "vae":
+        record = {"training": {"settings": asdict(settings), "times_s": times, "hardware": hardware(),
+                               "command": "python -m training.world.train_base --stages vae"},
+                  "metrics": {"vae": vae_quality}}
+        save_vae(vae, out, record)
+        return record
     t0 = time.time()
     unet, text_encoder, tokenizer, history = train_unet(settings, work, vae, captions, pixels, progress)
     times["unet_s"] = time.time() - t0
@@ -526,6 +593,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, required=True, help="checkpoints and caches (resumable)")
     parser.add_argument("--out", type=Path, required=True, help="where the finished diffusers pipeline goes")
     parser.add_argument("--final-prompts", type=int, default=200)
+    parser.add_argument("--stages", choices=("all", "vae"), default="all", help="vae: train and write the VAE only")
     parser.add_argument("--quiet", action="store_true")
     for f in fields(BaseSettings):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
@@ -535,7 +603,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = BaseSettings(**{f.name: getattr(args, f.name) for f in fields(BaseSettings)})
-    run(settings, args.work, args.out, progress=not args.quiet, final_prompts=args.final_prompts)
+    run(settings, args.work, args.out, progress=not args.quiet, final_prompts=args.final_prompts, stages=args.stages)
     return 0
 
 

@@ -53,9 +53,10 @@ class VideoSettings:
     eval_prompts: int = 32
     guidance: float = 4.0
     threads: int = 2
+    stop: int = 0  # end this run after that many steps (0: all ``steps``); a later run continues from the checkpoint
 
     def key(self) -> dict[str, Any]:
-        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads"}
+        skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "stop"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -96,6 +97,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
 
     from core.builtin import SCHEDULER_CONFIG, build_motion_adapter, build_video_pipeline
 
+    work.mkdir(parents=True, exist_ok=True)
     image_pipe = StableDiffusionPipeline.from_pretrained(image_dir, torch_dtype=torch.float32, local_files_only=True)
     adapter = build_motion_adapter(settings.seed)
     pipe = build_video_pipeline(settings.seed, image_pipe=image_pipe, motion_adapter=adapter)
@@ -137,7 +139,8 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     frames = means.shape[1]
     started, window, start_step = time.time(), [], step
     unet.train()
-    while step < settings.steps:
+    last = min(settings.steps, settings.stop or settings.steps)
+    while step < last:
         idx = torch.randint(len(means), (settings.batch,), generator=gen)
         lat = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)
         lat = lat.permute(0, 2, 1, 3, 4)  # (B, C, F, h, w) as UNetMotionModel takes it
@@ -167,7 +170,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
             print(f"motion step {step}/{settings.steps} loss {np.mean(window):.4f} lr {lr:.2e} ({rate:.2f} steps/s, "
                   f"{(settings.steps - step) / max(rate, 1e-9) / 60:.0f} min left)", flush=True)
             window.clear()
-        if step % settings.eval_every == 0 or step == settings.steps:
+        if step % settings.eval_every == 0 or step == last:
             live = [p.detach().clone() for p in params]
             ema.copy_to(params)
             unet.eval()
@@ -178,7 +181,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
             history.append({"step": step, "elapsed_s": time.time() - started, **metrics})
             if progress:
                 print(f"eval at step {step}: {json.dumps(metrics)}", flush=True)
-        if step % settings.checkpoint_every == 0 or step == settings.steps:
+        if step % settings.checkpoint_every == 0 or step == last:
             _save(path, {"key": key, "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
                          "ema": ema.shadow, "step": step, "history": history, "generator": gen.get_state()})
     ema.copy_to(params)
@@ -228,7 +231,6 @@ def video_quality(pipe, count: int, steps: int = 20, guidance: float = 4.0, seed
 def run(settings: VideoSettings, work: Path, image_dir: Path, out: Path, progress: bool = True,
         final_prompts: int = 80) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe, history = train_motion(settings, work, image_dir, progress)
     train_s = time.time() - t0
