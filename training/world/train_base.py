@@ -338,6 +338,30 @@ def _parameters(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
+def warmup_cosine(base_lr: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps times a cosine decay to 0 over ``total`` steps."""
+    return base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], loss: torch.Tensor,
+                   lr: float) -> None:
+    """One clipped (norm 1) optimizer step at learning rate ``lr``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def progress_line(stage: str, step: int, total: int, losses: list[float], lr: float, done: int,
+                  seconds: float) -> str:
+    """``stage step/total loss lr (rate, minutes left)``, the rate over the ``done`` steps of this run."""
+    rate = done / max(seconds, 1e-9)
+    return (f"{stage} step {step}/{total} loss {np.mean(losses):.4f} lr {lr:.2e} ({rate:.2f} steps/s, "
+            f"{(total - step) / max(rate, 1e-9) / 60:.0f} min left)")
+
+
 def _snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     alpha_bar = scheduler.alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
@@ -401,25 +425,17 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        lr = settings.unet_lr * min(1.0, (step + 1) / settings.warmup) * 0.5 * (
-            1 + math.cos(math.pi * step / settings.unet_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = warmup_cosine(settings.unet_lr, step, settings.unet_steps, settings.warmup)
         pred = unet(noisy, t, text_encoder(tokens)[0]).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * _snr_weights(noise_scheduler, t, settings.snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr)
         step += 1
         ema.update(step)
         window.append(loss.item())
         if progress and (step % 25 == 0 or step == settings.unet_steps):
-            rate = (step - start_step) / max(time.time() - started, 1e-9)
-            eta = (settings.unet_steps - step) / max(rate, 1e-9) / 60
-            print(f"unet step {step}/{settings.unet_steps} loss {np.mean(window):.4f} lr {lr:.2e} "
-                  f"({rate:.2f} steps/s, {eta:.0f} min left)", flush=True)
+            print(progress_line("unet", step, settings.unet_steps, window, lr, step - start_step,
+                                time.time() - started), flush=True)
             window.clear()
         if step % settings.eval_every == 0 or step == last:
             metrics = _evaluate_ema(settings, vae, unet, text_encoder, tokenizer, ema)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -32,8 +31,11 @@ from training.world.train_base import (
     _snr_weights,
     encode_pool,
     hardware,
+    optimizer_step,
+    progress_line,
     save_pipeline,
     tokenize,
+    warmup_cosine,
 )
 
 
@@ -151,24 +153,17 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         noisy = noise_scheduler.add_noise(lat, noise, t)
-        lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * 0.5 * (
-            1 + math.cos(math.pi * step / settings.steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = warmup_cosine(settings.lr, step, settings.steps, settings.warmup)
         pred = unet(noisy, t, cond.repeat_interleave(frames, dim=0)).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3, 4))
         loss = (per_sample * _snr_weights(noise_scheduler, t, settings.snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr)
         step += 1
         ema.update(step)
         window.append(loss.item())
         if progress and (step % 10 == 0 or step == settings.steps):
-            rate = (step - start_step) / max(time.time() - started, 1e-9)
-            print(f"motion step {step}/{settings.steps} loss {np.mean(window):.4f} lr {lr:.2e} ({rate:.2f} steps/s, "
-                  f"{(settings.steps - step) / max(rate, 1e-9) / 60:.0f} min left)", flush=True)
+            print(progress_line("motion", step, settings.steps, window, lr, step - start_step,
+                                time.time() - started), flush=True)
             window.clear()
         if step % settings.eval_every == 0 or step == last:
             live = [p.detach().clone() for p in params]
