@@ -16,11 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One models folder for the whole run, so the built-in model is built once."""
-    from core.builtin import ensure_builtin
+    """One models folder for the whole run, so the built-in models are built (or copied) once."""
+    from core.builtin import DEFAULT_BUILTIN, TINY_SD, ensure_builtin
 
     folder = tmp_path_factory.mktemp("models")
-    ensure_builtin(folder)
+    for name in {DEFAULT_BUILTIN, TINY_SD}:
+        ensure_builtin(folder, name)
     return folder
 
 
@@ -40,8 +41,9 @@ def one_torch_thread():
 def settings(tmp_path: Path, models_dir: Path):
     from services.settings import Settings
 
-    return Settings(data_dir=tmp_path / "data", models_path=models_dir, lease_seconds=30.0,
-                    heartbeat_seconds=1.0, poll_seconds=0.05)
+    # the tests' jobs train on the random tiny model: a mechanism shows on it as well, and it never changes
+    return Settings(data_dir=tmp_path / "data", models_path=models_dir, base_model="builtin:tiny-sd",
+                    lease_seconds=30.0, heartbeat_seconds=1.0, poll_seconds=0.05)
 
 
 def write_images(folder: Path, count: int, size: int = 64, captions: bool = True, seed: int = 0) -> list[Path]:

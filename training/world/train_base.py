@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from training.world.dataset import base_dataset
 
-STAGES = ("vae", "unet")
+STAGES = ("vae", "decoder", "unet")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ class BaseSettings:
     vae_recolour: float = 0.3  # share of VAE batches' images whose colours are permuted/inverted
     vae_logvar_init: float = -6.0  # start with little posterior noise, so reconstruction can be learned at once
     vae_stop: int = 0  # stop the VAE stage after this many steps (0: run all ``vae_steps``); the schedule is kept
+    decoder_steps: int = 0  # then tune the decoder alone on the encoder's latents (the UNet's latents stay put)
+    decoder_batch: int = 32
+    decoder_lr: float = 2e-4
+    decoder_object_weight: float = 24.0
     unet_stop: int = 0  # likewise for the UNet stage: a time-boxed run, continued later from its checkpoint
     unet_steps: int = 8_000
     unet_batch: int = 64
@@ -70,9 +74,15 @@ class BaseSettings:
     def stage_key(self, stage: str) -> dict[str, Any]:
         """The settings a stage's checkpoint depends on (evaluation and checkpoint cadence excluded)."""
         skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "vae_stop", "unet_stop"}
-        if stage == "vae":
-            skip |= {f.name for f in fields(self) if f.name.startswith("unet_")} | {"warmup", "ema_decay",
+        unet_only = {f.name for f in fields(self) if f.name.startswith("unet_")} | {"warmup", "ema_decay",
                                                                                     "cond_dropout", "snr_gamma"}
+        decoder_only = {f.name for f in fields(self) if f.name.startswith("decoder_")}
+        if stage == "vae":
+            skip |= unet_only | decoder_only
+        elif stage == "decoder":
+            skip |= unet_only
+        else:  # the UNet learns the encoder's latents: the decoder's tuning does not concern it
+            skip |= decoder_only
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -277,20 +287,90 @@ def vae_metrics(vae, pixels: np.ndarray) -> dict[str, float]:
     before, after = detect(pixels), detect(images)
     same = [sorted((o.name, o.colour) for o in a.objects) == sorted((o.name, o.colour) for o in b.objects)
             and a.background == b.background and a.texture == b.texture for a, b in zip(before, after)]
-    return {"psnr": 10 * math.log10(4.0 / max(mse, 1e-12)), "round_trip_agreement": float(np.mean(same))}
+    small = [(o.name, o.colour) in {(q.name, q.colour) for q in b.objects}
+             for a, b in zip(before, after) for o in a.objects if o.size == "small"]
+    return {"psnr": 10 * math.log10(4.0 / max(mse, 1e-12)), "round_trip_agreement": float(np.mean(same)),
+            "small_objects_kept": float(np.mean(small)) if small else float("nan")}
 
 
-# ---------------------------------------------------------------- UNet and text encoder
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
+def _fingerprint(*modules: torch.nn.Module) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().numpy().tobytes())
+    for i, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{i}.{name}".encode())
+            digest.update(tensor.detach().float().numpy().tobytes())
     return digest.hexdigest()[:12]
+
+
+def pool_latents(vae, pixels: np.ndarray, work: Path, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled posterior means and standard deviations of the pool (fp16), cached in ``work`` under a fingerprint
+    of what made them: the encoder, its ``quant_conv`` and the scaling factor (not the decoder)."""
+    key = _fingerprint(vae.encoder, vae.quant_conv) + f"-{vae.config.scaling_factor:.6g}-{len(pixels)}"
+    path = work / f"latents-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    if progress:
+        print("encoding the pool with the VAE", flush=True)
+    means, stds = encode_pool(vae, pixels)
+    means, stds = means.half(), stds.half()
+    _save(path, (means, stds))
+    return means, stds
+
+
+# ---------------------------------------------------------------- decoder tuning
+
+
+def tune_decoder(settings: BaseSettings, work: Path, vae, pixels: np.ndarray, masks: np.ndarray,
+                 progress: bool = True):
+    """Fine-tune ``post_quant_conv`` and the decoder alone on latents the frozen encoder made of the whole pool,
+    object pixels weighted ``decoder_object_weight`` times more: small shapes come out sharper while the latent
+    space (what the UNet learned to generate) is untouched. Resumable like the other stages."""
+    if settings.decoder_steps <= 0:
+        return vae
+    means, stds = pool_latents(vae, pixels, work, progress)
+    scale = vae.config.scaling_factor
+    trained = _parameters(vae.post_quant_conv, vae.decoder)
+    frozen = [p for p in vae.parameters() if all(p is not q for q in trained)]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(trained, lr=settings.decoder_lr, weight_decay=0.0)
+    path = work / "decoder.ckpt"
+    key = settings.stage_key("decoder")
+    step, gen = 0, torch.Generator().manual_seed(settings.seed + 20)
+    state = _load(path, key)
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        gen.set_state(state["generator"])
+    started, window, start_step = time.time(), [], step
+    vae.train()
+    while step < settings.decoder_steps:
+        idx = torch.randint(len(means), (settings.decoder_batch,), generator=gen)
+        latents = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)
+        x = to_tensor(pixels[idx.numpy()])
+        weight = 1.0 + settings.decoder_object_weight * torch.from_numpy(masks[idx.numpy()]).float()[:, None] / 255
+        recon = vae.decode(latents / scale).sample
+        error = (recon - x).abs() + (recon - x).square()
+        lr = warmup_cosine(settings.decoder_lr, step, settings.decoder_steps, 50)
+        optimizer_step(opt, trained, (error * weight).sum() / (weight.sum() * 3), lr)
+        step += 1
+        window.append(float(error.detach().mean()))
+        if progress and (step % 25 == 0 or step == settings.decoder_steps):
+            print(progress_line("decoder", step, settings.decoder_steps, window, lr, step - start_step,
+                                time.time() - started), flush=True)
+            window.clear()
+        if step % settings.checkpoint_every == 0 or step == settings.decoder_steps:
+            _save(path, {"key": key, "model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "generator": gen.get_state()})
+    for p in frozen:
+        p.requires_grad_(True)
+    return vae.eval()
+
+
+# ---------------------------------------------------------------- UNet and text encoder
 
 
 def build_tokenizer(max_tokens: int):
@@ -401,15 +481,7 @@ def train_unet(settings: BaseSettings, work: Path, vae, captions: list[str], pix
         ema.shadow = state["ema"]
         step, history = state["step"], state["history"]
         gen.set_state(state["generator"])
-    latents_path = work / f"latents-{_fingerprint(vae)}.pt"  # tied to the VAE that encoded them
-    if latents_path.is_file():
-        means, stds = torch.load(latents_path, weights_only=True)
-    else:
-        if progress:
-            print("encoding the pool with the VAE", flush=True)
-        means, stds = encode_pool(vae, pixels)
-        means, stds = means.half(), stds.half()
-        _save(latents_path, (means, stds))
+    means, stds = pool_latents(vae, pixels, work, progress)
     ids = tokenize(tokenizer, captions)
     empty = tokenize(tokenizer, [""])[0]
     started, window, start_step = time.time(), [], step
@@ -576,6 +648,9 @@ def run(settings: BaseSettings, work: Path, out: Path, progress: bool = True, fi
     t0 = time.time()
     vae = train_vae(settings, work, pixels, masks, progress)
     times["vae_s"] = time.time() - t0
+    t0 = time.time()
+    vae = tune_decoder(settings, work, vae, pixels, masks, progress)
+    times["decoder_s"] = time.time() - t0
     vae_quality = vae_metrics(vae, _fresh_pixels(500))
     if progress:
         print(f"vae: {json.dumps(vae_quality)}", flush=True)
@@ -593,10 +668,23 @@ def run(settings: BaseSettings, work: Path, out: Path, progress: bool = True, fi
     if progress:
         print(f"final: {json.dumps(final)}", flush=True)
     record = {"training": {"settings": asdict(settings), "times_s": times, "hardware": hardware(),
-                           "command": "python -m training.world.train_base"},
+                           "command": "python -m training.world.train_base",
+                           "continued_from": _previous_record(settings.init_from)},
               "metrics": {"vae": vae_quality, "base": final, "history": history}}
     save_pipeline(pipe, out, record)
     return record
+
+
+def _previous_record(init_from: str) -> dict[str, Any] | None:
+    """The training record of the weights this run started from (itself holding its own predecessor's), so the
+    whole lineage of a model travels with it."""
+    path = Path(init_from) / "training.json" if init_from else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except ValueError:
+        return None
 
 
 def _fresh_pixels(count: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from training.world.dataset import base_clip_dataset
 from training.world.train_base import (
     EMA,
     _atomic_npz,
+    _fingerprint,
     _load,
     _save,
     _snr_weights,
@@ -56,6 +57,7 @@ class VideoSettings:
     guidance: float = 4.0
     threads: int = 2
     stop: int = 0  # end this run after that many steps (0: all ``steps``); a later run continues from the checkpoint
+    init_from: str = ""  # a world video pipeline folder whose motion modules this run starts from (continue training)
 
     def key(self) -> dict[str, Any]:
         skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "stop"}
@@ -93,6 +95,22 @@ def motion_parameters(unet) -> list[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if ".motion_modules." in f".{name}"]
 
 
+def _warm_start_motion(unet, folder: str) -> None:
+    """Load the motion-module weights of the video pipeline in ``folder`` (same architecture) into ``unet``."""
+    if not folder:
+        return
+    from safetensors.torch import load_file
+
+    files = sorted((Path(folder) / "unet").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"--init-from {folder}: no unet/*.safetensors there")
+    saved = {k: v.float() for f in files for k, v in load_file(f).items() if ".motion_modules." in f".{k}"}
+    own = {k for k in unet.state_dict() if ".motion_modules." in f".{k}"}
+    if set(saved) != own:
+        raise ValueError(f"--init-from {folder}: its motion modules do not match this architecture")
+    unet.load_state_dict(saved, strict=False)
+
+
 def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress: bool = True):
     """Train the motion modules; returns (pipeline with EMA weights, history)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -107,6 +125,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
+    _warm_start_motion(unet, settings.init_from)
     params = motion_parameters(unet)
     for p in params:
         p.requires_grad_(True)
@@ -124,7 +143,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
         step, history = state["step"], state["history"]
         gen.set_state(state["generator"])
     pixels, captions = render_clips(settings, work, progress)
-    latents_path = work / "clip-latents.pt"
+    latents_path = work / f"clip-latents-{_fingerprint(vae.encoder, vae.quant_conv)}.pt"  # tied to the encoder
     if latents_path.is_file():
         means, stds = torch.load(latents_path, weights_only=True)
     else:

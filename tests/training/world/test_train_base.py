@@ -54,15 +54,33 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
         train_base.train_vae(replace(TINY, vae_lr=5e-4), tmp_path, pixels, masks, progress=False)
 
 
+def test_decoder_tuning_changes_only_the_decoder_and_keeps_the_latents(tmp_path: Path) -> None:
+    pixels, masks, _ = train_base.render_pool(TINY, tmp_path, progress=False)
+    vae = train_base.train_vae(TINY, tmp_path, pixels, masks, progress=False)
+    before = _states(vae)
+    latents = train_base.pool_latents(vae, pixels, tmp_path, progress=False)
+    tuned = train_base.tune_decoder(replace(TINY, decoder_steps=3, decoder_batch=2), tmp_path, vae, pixels, masks,
+                                    progress=False)
+    after = _states(tuned)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert all(p.requires_grad for p in tuned.parameters())
+    again = train_base.pool_latents(tuned, pixels, tmp_path, progress=False)  # the cache still fits: same encoder
+    assert len(list(tmp_path.glob("latents-*.pt"))) == 1 and torch.equal(latents[0], again[0])
+    assert BaseSettings().stage_key("unet") == replace(BaseSettings(), decoder_steps=9).stage_key("unet")
+
+
 def test_run_writes_a_loadable_fp16_pipeline_with_its_record(tmp_path: Path, models_dir: Path) -> None:
     from core.pipelines import BaseModelSource, load_pipeline
 
     out = tmp_path / "out"
-    record = train_base.run(TINY, tmp_path / "work", out, progress=False, final_prompts=2)
+    record = train_base.run(replace(TINY, decoder_steps=2, decoder_batch=2), tmp_path / "work", out, progress=False,
+                            final_prompts=2)
     assert (out / "model_index.json").is_file()
     training = json.loads((out / "training.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert training["settings"]["unet_steps"] == 4 and training["hardware"]["cpu_count"] >= 1
+    assert training["times_s"]["decoder_s"] > 0
     assert 0.0 <= metrics["base"]["scene"] <= 1.0 and metrics["base"]["prompts"] == 2
     assert record["metrics"]["vae"]["psnr"] > 0
     with safe_open(str(next((out / "unet").glob("*.safetensors"))), "pt") as f:

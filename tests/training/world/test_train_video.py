@@ -63,3 +63,11 @@ def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model:
     frames = pipe("a big red circle moving up on a blue plain background", num_frames=8, num_inference_steps=2,
                   height=64, width=64, output_type="np").frames
     assert frames.shape == (1, 8, 64, 64, 3)
+    # a later run continues from the written model's motion modules (fp16 on disk)
+    continued, _ = train_video.train_motion(replace(TINY, steps=0, init_from=str(out)), tmp_path / "d", image_model,
+                                            progress=False)
+    saved = pipe.unet.state_dict()
+    motion = {k: v for k, v in _motion_state(continued).items() if ".motion_modules." in f".{k}"}
+    assert motion and all(torch.equal(v, saved[k].float()) for k, v in motion.items())
+    with pytest.raises(ValueError, match="no unet"):
+        train_video.train_motion(replace(TINY, init_from=str(tmp_path)), tmp_path / "e", image_model, progress=False)
