@@ -5,8 +5,10 @@ CLIPTextModel and a CLIPTokenizer whose BPE vocabulary is learned here from the 
 ``world-sd`` (text to image) and ``world-video`` (AnimateDiff: its UNet plus a MotionAdapter) are trained on the
 shapes world by ``training/world/train_base.py`` and ``train_video.py`` and shipped under ``core/models``;
 ``tiny-sd`` and ``tiny-video`` have the same architecture with seeded random weights, built from configs, for fast
-tests. Each is copied or saved in diffusers format on first use; every later load goes through ``from_pretrained``
-like any other local model.
+tests. ``tiny-video3d`` is the other video architecture, ModelScope/ZeroScope text-to-video (a
+``UNet3DConditionModel`` with temporal convolutions and temporal transformers in every block, in a
+``TextToVideoSDPipeline``), with tiny-sd's VAE, text encoder, tokenizer and scheduler. Each is copied or saved in
+diffusers format on first use; every later load goes through ``from_pretrained`` like any other local model.
 
 Two more tiny architectures exist for tests only (never saved): ``sd2`` mirrors Stable Diffusion 2.x (linear
 projections in the transformer blocks, per-block head counts, v-prediction, a GELU text encoder like OpenCLIP) and
@@ -30,6 +32,7 @@ from pathlib import Path
 BUILTIN_PREFIX = "builtin:"
 TINY_SD = "tiny-sd"  # random weights built from configs: fast tests and development
 TINY_VIDEO = "tiny-video"  # AnimateDiff (UNetMotionModel + MotionAdapter) over tiny-sd, built from configs
+TINY_VIDEO3D = "tiny-video3d"  # ModelScope/ZeroScope text-to-video (UNet3DConditionModel) with tiny-sd's parts
 WORLD_SD = "world-sd"  # trained on the shapes world (training/world/train_base.py), shipped in core/models
 WORLD_VIDEO = "world-video"  # its AnimateDiff motion module (training/world/train_video.py), shipped likewise
 SHIPPED_DIR = Path(__file__).resolve().parent / "models"
@@ -118,6 +121,18 @@ MOTION_ADAPTER_CONFIG = {
     "motion_max_seq_length": 32,
     "use_motion_mid_block": False,
 }
+UNET3D_CONFIG = {  # ZeroScope's layout (cross-attention blocks, then a plain one) at a tiny width: ~91k weights
+    "sample_size": IMAGE_SIZE // 4,  # tiny-sd's VAE: 64x64 pixels are 16x16 latents
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (8, 16),
+    "down_block_types": ("CrossAttnDownBlock3D", "DownBlock3D"),
+    "up_block_types": ("UpBlock3D", "CrossAttnUpBlock3D"),
+    "cross_attention_dim": TEXT_CONFIG["hidden_size"],
+    "attention_head_dim": 2,  # diffusers' name for the number of heads, as in the ModelScope configs
+    "norm_num_groups": 4,
+}
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -137,7 +152,7 @@ def is_builtin(ref: str) -> bool:
 def builtin_names() -> list[str]:
     """Every built-in model available here: the shipped trained ones first, then those built from configs."""
     shipped = [name for name in SHIPPED if (SHIPPED_DIR / name / "model_index.json").is_file()]
-    return shipped + [TINY_SD, TINY_VIDEO]
+    return shipped + [TINY_SD, TINY_VIDEO, TINY_VIDEO3D]
 
 
 def _byte_alphabet() -> list[str]:
@@ -242,18 +257,51 @@ def build_motion_adapter(seed: int = 0):
 def build_video_pipeline(seed: int = 0, image_pipe=None, motion_adapter=None):
     """An AnimateDiff text-to-video pipeline: the image pipeline's UNet turned into a UNetMotionModel with a
     MotionAdapter (default: ``build_pipeline(seed)`` and ``build_motion_adapter(seed)``)."""
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, UNetMotionModel
+    from diffusers import AnimateDiffPipeline, UNetMotionModel
 
     image_pipe = image_pipe or build_pipeline(seed)
     motion_adapter = motion_adapter or build_motion_adapter(seed)
     unet = UNetMotionModel.from_unet2d(image_pipe.unet, motion_adapter)
-    scheduler_config = {k: v for k, v in image_pipe.scheduler.config.items() if not k.startswith("_")}
-    scheduler = (image_pipe.scheduler.__class__.from_config(scheduler_config)
-                 if image_pipe.scheduler.__class__.__name__ != "DDPMScheduler"
-                 else DDIMScheduler(**{**SCHEDULER_CONFIG, "clip_sample": False, "steps_offset": 1}))
     return AnimateDiffPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder,
                                tokenizer=image_pipe.tokenizer, unet=unet, motion_adapter=motion_adapter,
-                               scheduler=scheduler)
+                               scheduler=_video_scheduler(image_pipe))
+
+
+def build_unet3d(seed: int = 0):
+    """A ``UNet3DConditionModel`` of ``UNET3D_CONFIG`` whose widths fit ``sd1``'s text encoder and VAE,
+    deterministically from ``seed``."""
+    import torch
+    from diffusers import UNet3DConditionModel
+
+    with _BUILD_LOCK:
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed + 5)
+            return UNet3DConditionModel(**UNET3D_CONFIG)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+
+def build_video3d_pipeline(seed: int = 0, image_pipe=None, unet=None):
+    """A ModelScope/ZeroScope-style ``TextToVideoSDPipeline``: a ``UNet3DConditionModel`` (default:
+    ``build_unet3d(seed)``) with the image pipeline's VAE, text encoder and tokenizer (default:
+    ``build_pipeline(seed)``) and a DDIM scheduler of its noise schedule, as ZeroScope samples."""
+    from diffusers import TextToVideoSDPipeline
+
+    image_pipe = image_pipe or build_pipeline(seed)
+    unet = unet if unet is not None else build_unet3d(seed)
+    return TextToVideoSDPipeline(vae=image_pipe.vae, text_encoder=image_pipe.text_encoder,
+                                 tokenizer=image_pipe.tokenizer, unet=unet, scheduler=_video_scheduler(image_pipe))
+
+
+def _video_scheduler(image_pipe):
+    """The image pipeline's scheduler for sampling clips: DDIM in place of DDPM (same noise schedule)."""
+    from diffusers import DDIMScheduler
+
+    scheduler_config = {k: v for k, v in image_pipe.scheduler.config.items() if not k.startswith("_")}
+    if image_pipe.scheduler.__class__.__name__ != "DDPMScheduler":
+        return image_pipe.scheduler.__class__.from_config(scheduler_config)
+    return DDIMScheduler(**{**SCHEDULER_CONFIG, "clip_sample": False, "steps_offset": 1})
 
 
 def _text_encoder(cls, seed: int, tokenizer, config: dict):
@@ -331,7 +379,8 @@ def ensure_builtin(models_dir: str | os.PathLike[str], name: str = DEFAULT_BUILT
         if name in SHIPPED:
             shutil.copytree(SHIPPED_DIR / name, tmp, dirs_exist_ok=True)
         else:
-            pipe = build_video_pipeline() if name == TINY_VIDEO else build_pipeline()
+            builders = {TINY_VIDEO: build_video_pipeline, TINY_VIDEO3D: build_video3d_pipeline}
+            pipe = builders.get(name, build_pipeline)()
             pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "lorastudio_builtin.json").write_text(json.dumps({"name": name, "version": version}))
         try:

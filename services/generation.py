@@ -7,17 +7,18 @@ the image took (``seconds`` in all, ``sample_seconds`` for the denoise loop and 
 not do as asked (``notes``, e.g. a fallback from batched per-sample routing) and, for CLoRA, where its region
 preview lies (``regions``).
 
-Video: when the base model is a text-to-video pipeline (AnimateDiff: ``builtin:tiny-video``, ``builtin:world-video``),
-a request makes a clip instead (:meth:`GenerationService.generate_video`, or :meth:`GenerationService.submit` through
-the queue). Adapters attach through the same runtime with one weight each: a motion adapter trained on the video
-model and image adapters of the image model it was built from together (spatial layer paths are the same in the
-motion UNet, so image LoRAs act on the spatial layers). The clip's record is an animated PNG (what the history shows;
-its first frame is what PNG readers see) with an MP4 beside it (a GIF where PyAV cannot encode MP4), named in
-``params["video"]``.
+Video: when the base model is a text-to-video pipeline (AnimateDiff: ``builtin:tiny-video``, ``builtin:world-video``;
+ModelScope/ZeroScope ``TextToVideoSDPipeline``: ``builtin:tiny-video3d``), a request makes a clip instead
+(:meth:`GenerationService.generate_video`, or :meth:`GenerationService.submit` through the queue). Adapters attach
+through the same runtime with one weight each: a motion adapter trained on the video model and image adapters of the
+image model it was built from together (spatial layer paths are the same in the motion UNet, so image LoRAs act on
+the spatial layers). The clip's record is an animated PNG (what the history shows; its first frame is what PNG
+readers see) with an MP4 beside it (a GIF where PyAV cannot encode MP4), named in ``params["video"]``.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import re
@@ -41,7 +42,7 @@ from core.animation import DEFAULT_FPS, MAX_FPS, encode_apng, encode_gif, encode
 from core.builtin import BUILTIN_PREFIX, DEFAULT_VIDEO_BUILTIN, VIDEO_FRAMES
 from core.types import AdapterWeight, GenerationRequest, ImageInfo, JobInfo
 from services import orthogonal_slots
-from services.runtime import ModelRuntime
+from services.runtime import VIDEO_PIPELINES, ModelRuntime
 from services.worker import JobReporter
 from storage import catalog, jobs
 from storage.artifacts import ArtifactStore
@@ -169,8 +170,26 @@ def video_file(image: ImageInfo) -> str | None:
 
 
 def is_video_pipeline(pipe: Any) -> bool:
-    """Whether a loaded pipeline makes clips (AnimateDiff: it carries a motion adapter)."""
-    return type(pipe).__name__ == "AnimateDiffPipeline" or getattr(pipe, "motion_adapter", None) is not None
+    """Whether a loaded pipeline makes clips (AnimateDiff, it carries a motion adapter; or text-to-video UNet3D)."""
+    return type(pipe).__name__ in VIDEO_PIPELINES or getattr(pipe, "motion_adapter", None) is not None
+
+
+def clip_frames(frames: Any) -> np.ndarray:
+    """A pipeline's ``.frames`` for one prompt as ``(F, H, W, 3)`` uint8, whatever its layout: a batch
+    ``(B, F, H, W, 3)`` (its first clip) or one clip ``(F, H, W, 3)``, a list of arrays or PIL frames, floats in
+    [0, 1] or uint8 (what older ``TextToVideoSDPipeline`` versions returned)."""
+    if isinstance(frames, (list, tuple)) and frames and isinstance(frames[0], (list, tuple)):
+        frames = frames[0]  # nested lists: one list of frames per prompt
+    if hasattr(frames, "detach"):
+        frames = frames.detach().float().cpu().numpy()
+    video = np.stack([np.asarray(f) for f in frames]) if isinstance(frames, (list, tuple)) else np.asarray(frames)
+    if video.ndim == 5:
+        video = video[0]
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"the video pipeline returned frames of shape {video.shape}, expected (F, H, W, 3)")
+    if video.dtype == np.uint8:
+        return video
+    return np.clip(np.rint(video.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def render_video(pipe: Any, adapter_set: AdapterSet, weights: Mapping[str, float], *, prompt: str,
@@ -193,12 +212,20 @@ def render_video(pipe: Any, adapter_set: AdapterSet, weights: Mapping[str, float
             on_step(i, steps)
         return tensors
 
+    def legacy_callback(i: int, _t: Any, _latents: Any) -> None:
+        if on_step is not None:
+            on_step(i, steps)
+
+    # AnimateDiff takes callback_on_step_end; TextToVideoSDPipeline only the older callback(step, t, latents)
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        progress: dict[str, Any] = {"callback_on_step_end": callback}
+    else:
+        progress = {"callback": legacy_callback, "callback_steps": 1}
     generator = torch.Generator("cpu").manual_seed(int(seed))
     out = pipe(prompt=prompt, negative_prompt=negative_prompt or None, num_frames=int(frames),
                num_inference_steps=int(steps), guidance_scale=float(guidance_scale), width=width, height=height,
-               generator=generator, output_type="np", callback_on_step_end=callback)
-    video = np.asarray(out.frames[0], dtype=np.float32)
-    return np.clip(np.rint(video * 255.0), 0, 255).astype(np.uint8)
+               generator=generator, output_type="np", **progress)
+    return clip_frames(out.frames)
 
 
 def _json_safe(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -379,7 +406,8 @@ class GenerationService:
         if not (base_model and base_model.strip()) and not self.is_video_base(base):
             base = DEFAULT_VIDEO_BASE
         if not self.is_video_base(base):
-            raise ValueError(f"{base} is not a video model (an AnimateDiff pipeline); use {DEFAULT_VIDEO_BASE}")
+            raise ValueError(f"{base} is not a video model (an AnimateDiff or text-to-video pipeline); use "
+                             f"{DEFAULT_VIDEO_BASE}")
         with self._sessions.begin() as session:
             payload = self._video_payload(session, request, base, frames, fps)
         return self._run_video(payload, None, None)
@@ -473,7 +501,7 @@ class GenerationService:
         with self._runtime.lock:
             pipe = self._runtime.pipeline(base)
             if not is_video_pipeline(pipe):
-                raise ValueError(f"{base} is not a video model (an AnimateDiff pipeline)")
+                raise ValueError(f"{base} is not a video model (an AnimateDiff or text-to-video pipeline)")
             adapter_set = self._runtime.adapter_set(base, files)
             weights: dict[str, float] = {}
             for a in adapters:  # one weight per adapter: an adapter picked twice adds up

@@ -24,7 +24,8 @@ from training.artifact import load_adapter
 from training.base import AttachedAdapter
 
 MAX_RESIDENT_ADAPTERS = 16
-VIDEO_PIPELINES = frozenset({"AnimateDiffPipeline"})  # pipelines whose call makes clips (``num_frames``)
+# pipelines whose call makes clips (``num_frames``): AnimateDiff and ModelScope/ZeroScope text-to-video
+VIDEO_PIPELINES = frozenset({"AnimateDiffPipeline", "TextToVideoSDPipeline"})
 
 
 class ResidentAdapterSet:
@@ -132,6 +133,19 @@ def _entered_together(contexts: Sequence[AbstractContextManager[None]]) -> Itera
         yield
 
 
+def is_video_base(source: BaseModelSource) -> bool | None:
+    """Whether a base model is a text-to-video pipeline (``VIDEO_PIPELINES``), read from its ``model_index.json``
+    without loading it; ``None`` when that cannot be told without loading it (hub ids, single files, a folder
+    without a readable index)."""
+    if source.kind not in ("builtin", "folder"):
+        return None
+    try:
+        index = json.loads((Path(source.location) / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return isinstance(index, dict) and index.get("_class_name") in VIDEO_PIPELINES
+
+
 @dataclass(frozen=True)
 class _Resident:
     sha256: str
@@ -157,16 +171,9 @@ class ModelRuntime:
         return base_model_hash(self.resolve(ref))
 
     def is_video_base(self, ref: str) -> bool:
-        """Whether ``ref`` is a text-to-video pipeline (``VIDEO_PIPELINES``), read from its ``model_index.json``
-        without loading it; single files and hub ids count as image models."""
-        source = self.resolve(ref)
-        if source.kind not in ("builtin", "folder"):
-            return False
-        try:
-            index = json.loads((Path(source.location) / "model_index.json").read_text("utf-8"))
-        except (OSError, ValueError):
-            return False
-        return isinstance(index, dict) and index.get("_class_name") in VIDEO_PIPELINES
+        """Whether ``ref`` is a text-to-video pipeline (:func:`is_video_base`); a base that cannot be told without
+        loading it (single files, hub ids) counts as an image model."""
+        return bool(is_video_base(self.resolve(ref)))
 
     def fresh_pipeline(self, ref: str):
         """A private pipeline (for training, which changes the UNet); the shared one is released first on GPU."""

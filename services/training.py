@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,11 +16,10 @@ import training.methods  # noqa: F401  (registers every training method)
 from core.animation import encode_apng
 from core.builtin import BUILTIN_PREFIX, DEFAULT_VIDEO_BUILTIN
 from core.io import atomic_write_bytes
-from core.pipelines import BaseModelSource
 from core.types import CONCEPT_KINDS, JobInfo
 from services import orthogonal_slots
 from services.adapter_records import NewAdapter, job_adapter_id, record_adapter
-from services.runtime import ModelRuntime
+from services.runtime import ModelRuntime, is_video_base
 from services.worker import JobReporter
 from storage import catalog, jobs
 from storage.artifacts import ArtifactStore
@@ -43,20 +41,6 @@ ClipRecords = Callable[[str], Sequence[tuple[np.ndarray, str]]]
 def base_kind_of(method: str) -> str:
     """``"video"`` for methods that train on a video (AnimateDiff) base, else ``"image"``."""
     return getattr(METHODS.get(method), "base_kind", "image")
-
-
-def is_video_base(source: BaseModelSource) -> bool | None:
-    """Whether a base model is an AnimateDiff video pipeline, from its ``model_index.json``; None when that cannot be
-    told without loading it (hub models, single files)."""
-    if source.kind not in ("builtin", "folder"):
-        return None
-    try:
-        index = json.loads((Path(source.location) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return None
-    unet = index.get("unet")
-    return str(index.get("_class_name", "")).startswith("AnimateDiff") or (
-        isinstance(unet, list) and len(unet) == 2 and unet[1] == "UNetMotionModel")
 
 
 @dataclass(frozen=True)
@@ -187,8 +171,8 @@ class TrainingService:
         base = base_model or (DEFAULT_VIDEO_BASE if video else self._default_base)
         source = self._runtime.resolve(base)  # a bad base fails now, not in the worker
         if is_video_base(source) is (not video):
-            raise ValueError(f"method {method!r} trains on {'a video (AnimateDiff)' if video else 'an image'} base "
-                             f"model; {base!r} is {'an image' if video else 'a video'} model")
+            raise ValueError(f"method {method!r} trains on {'a video' if video else 'an image'} base model; "
+                             f"{base!r} is {'an image' if video else 'a video'} model")
         payload = {"name": name, "method": method, "kind": kind, "trigger_word": trigger_word,
                    "config": cfg.to_dict(), "base_model": base}
         with self._sessions.begin() as session:

@@ -30,7 +30,6 @@ import hashlib
 import io
 import os
 import re
-import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -50,9 +49,7 @@ from storage.uploads import (
     ZIP_EXTENSION,
     UploadError,
     UploadLimits,
-    _Caption,
     _Collector,
-    _decode_caption,
     _decode_image,
     _describe_non_image,
     _exc_text,
@@ -64,6 +61,7 @@ from storage.uploads import (
     _too_big,
     _unique,
     _unsupported_format,
+    collect_upload,
     sanitize_filename,
 )
 
@@ -577,23 +575,10 @@ class _ClipCollector(_Collector):
             self.add_path(path, base)
             return
         label = _label("/".join([*folders, base]))
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError("not a regular file")
-        except OSError:
-            self.reject(label, "could not be read (the uploaded file is missing)")
-            return
-        if st.st_size > self.limits.max_file_bytes:
-            self.reject(label, _too_big(st.st_size, self.limits.max_file_bytes))
-            return
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(self.limits.max_file_bytes + 1)
-        except OSError:
-            self.reject(label, "could not be read")
-            return
-        self.add_bytes(data, label, base, ("", "/".join(folders)))
+        size = self.regular_file_size(path, label)
+        data = self.read_file(path, label, size) if size is not None else None
+        if data is not None:
+            self.add_bytes(data, label, base, ("", "/".join(folders)))
 
     def add_bytes(self, data: bytes, label: str, base: str, group: tuple[object, ...]) -> None:
         """Route one file (top-level or zip member) to caption, video or frame handling."""
@@ -601,13 +586,7 @@ class _ClipCollector(_Collector):
         suffix = suffix.lower()
         try:
             if suffix == CAPTION_EXTENSION:
-                text, notes = _decode_caption(data, label, self.limits)
-                self.notes.extend(notes)
-                key = (group, stem)
-                if key in self.captions:
-                    self.notes.append(f"caption {label} duplicates {self.captions[key].label}; ignored")
-                else:
-                    self.captions[key] = _Caption(label, text)
+                self.add_caption(data, label, stem, group)
                 return
             if _sniff_video(data) is not None:
                 self._add_video(data, label, stem, group)
@@ -739,17 +718,7 @@ def read_clip_upload(
     """
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
-    if display_names is not None and len(display_names) != len(paths):
-        raise ValueError("display_names must have one entry per path")
     collector = _ClipCollector(limits.for_files(), clip_limits=limits, count=int(frames), target=_target(size))
-    skipped: list[str] = []
-    for i, path in enumerate(paths):
-        raw = display_names[i] if display_names is not None else os.path.basename(os.fspath(path))
-        base = str(raw).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-        if _is_hidden(base):
-            skipped.append(_label(base))
-            continue
-        collector.add_top_level(path, str(raw))
-    collector.skipped_note("", skipped)
+    collect_upload(collector, paths, display_names)
     return collector.finish_clips()
 

@@ -38,6 +38,7 @@ __all__ = [
     "UploadError",
     "UploadLimits",
     "UploadResult",
+    "collect_upload",
     "normalize_image",
     "read_upload",
     "sanitize_filename",
@@ -508,46 +509,67 @@ class _Collector:
             plural = "file" if len(names) == 1 else "files"
             self.notes.append(f"{where}skipped {len(names)} hidden/system {plural} ({shown})")
 
+    def add_top_level(self, path: str | os.PathLike[str], raw_name: str) -> None:
+        """One uploaded file under its display name (what :func:`collect_upload` calls for each path)."""
+        self.add_path(path, raw_name)
+
     def add_path(self, path: str | os.PathLike[str], raw_name: str) -> None:
         limits = self.limits
         base = str(raw_name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
         label = _label(base)
+        size = self.regular_file_size(path, label)
+        if size is None:
+            return
+        if base.lower().endswith(ZIP_EXTENSION):
+            if size > limits.max_zip_total_bytes:
+                self.reject(label, _too_big(size, limits.max_zip_total_bytes, "zip"))
+                return
+            self.add_zip(path, label)
+            return
+        data = self.read_file(path, label, size)
+        if data is not None:
+            self.add_bytes(data, label, base, ("",))
+
+    def regular_file_size(self, path: str | os.PathLike[str], label: str) -> int | None:
+        """The size of uploaded file ``path``; ``None`` (and a rejection) when it is missing or not a regular file."""
         try:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError("not a regular file")
         except OSError:
             self.reject(label, "could not be read (the uploaded file is missing)")
-            return
-        if base.lower().endswith(ZIP_EXTENSION):
-            if st.st_size > limits.max_zip_total_bytes:
-                self.reject(label, _too_big(st.st_size, limits.max_zip_total_bytes, "zip"))
-                return
-            self.add_zip(path, label)
-            return
-        if st.st_size > limits.max_file_bytes:
-            self.reject(label, _too_big(st.st_size, limits.max_file_bytes))
-            return
+            return None
+        return st.st_size
+
+    def read_file(self, path: str | os.PathLike[str], label: str, size: int) -> bytes | None:
+        """The bytes of a (non-zip) uploaded file of ``size`` bytes; ``None`` (and a rejection) when it is over the
+        per-file limit or cannot be read."""
+        if size > self.limits.max_file_bytes:
+            self.reject(label, _too_big(size, self.limits.max_file_bytes))
+            return None
         try:
             with open(path, "rb") as fh:
-                data = fh.read(limits.max_file_bytes + 1)
+                return fh.read(self.limits.max_file_bytes + 1)
         except OSError:
             self.reject(label, "could not be read")
-            return
-        self.add_bytes(data, label, base, ("",))
+            return None
+
+    def add_caption(self, data: bytes, label: str, stem: str, group: tuple[object, ...]) -> None:
+        """Keep a ``.txt`` caption for the image or clip ``stem`` of ``group``; raises :class:`UploadError`."""
+        text, notes = _decode_caption(data, label, self.limits)
+        self.notes.extend(notes)
+        key = (group, stem)
+        if key in self.captions:
+            self.notes.append(f"caption {label} duplicates {self.captions[key].label}; ignored")
+        else:
+            self.captions[key] = _Caption(label, text)
 
     def add_bytes(self, data: bytes, label: str, base: str, group: tuple[object, ...]) -> None:
         """Route one file (top-level or zip member) to caption or image handling."""
         stem, suffix = _split_suffix(base)
         try:
             if suffix.lower() == CAPTION_EXTENSION:
-                text, notes = _decode_caption(data, label, self.limits)
-                self.notes.extend(notes)
-                key = (group, stem)
-                if key in self.captions:
-                    self.notes.append(f"caption {label} duplicates {self.captions[key].label}; ignored")
-                else:
-                    self.captions[key] = _Caption(label, text)
+                self.add_caption(data, label, stem, group)
                 return
             if len(self.images) >= self.limits.max_files:
                 raise UploadError(f"over the limit of {self.limits.max_files:,} images per upload; not read", label)
@@ -675,9 +697,20 @@ def read_upload(
 
     ``display_names`` (same length as ``paths``) overrides the names taken from the paths' basenames.
     """
+    collector = _Collector(limits)
+    collect_upload(collector, paths, display_names)
+    return collector.finish()
+
+
+def collect_upload(
+    collector: _Collector,
+    paths: Sequence[str | os.PathLike[str]],
+    display_names: Sequence[str] | None = None,
+) -> None:
+    """Feed every uploaded file to ``collector.add_top_level`` under its display name (``display_names[i]``, else
+    the path's basename); hidden and system files are skipped with one note."""
     if display_names is not None and len(display_names) != len(paths):
         raise ValueError("display_names must have one entry per path")
-    collector = _Collector(limits)
     skipped: list[str] = []
     for i, path in enumerate(paths):
         raw = display_names[i] if display_names is not None else os.path.basename(os.fspath(path))
@@ -685,6 +718,5 @@ def read_upload(
         if _is_hidden(base):
             skipped.append(_label(base))
             continue
-        collector.add_path(path, str(raw))
+        collector.add_top_level(path, str(raw))
     collector.skipped_note("", skipped)
-    return collector.finish()

@@ -19,42 +19,51 @@ Previews are short fixed-seed clips sampled with the spatial LoRAs at the config
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from core.io import atomic_write_json, load_safetensors, save_safetensors
 from training.base import JobCancelled, NullCallback, TrainerCallback, TrainResult
+from training.checkpoints import (
+    CHECKPOINT_DIR,
+    check_method,
+    check_settings,
+    json_safe,
+    load_optimizer_state,
+    optimizer_state,
+    param_tensors,
+    read_checkpoint,
+    restore_params,
+    restore_rng,
+    rng_state,
+    write_checkpoint,
+)
 from training.data import build_prompt
 from training.methods.motion_director import (
     MotionDirector,
     MotionDirectorConfig,
     debiased_loss,
+    is_unet3d,
     require_motion_unet,
     temporal_bypassed,
 )
-from training.trainer import CHECKPOINT_DIR, KEEP_CHECKPOINTS, SeededLoop, checkpoint_dirs
+from training.trainer import SeededLoop, make_optimizer
 from training.video import ClipDataset
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KIND = "motion"
 _RESUME_FREE = {"max_steps", "checkpoint_every", "preview_every", "preview_prompt", "preview_steps", "spatial_scale"}
 _ENCODE_FRAMES = 16
-_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _OPTIMIZERS = ("spatial", "temporal")
 log = logging.getLogger(__name__)
 
@@ -68,23 +77,6 @@ def frames_strip(frames: list[Image.Image]) -> Image.Image:
     for i, frame in enumerate(frames):
         strip.paste(frame.convert("RGB"), (i * w, 0))
     return strip
-
-
-def _make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
 class MotionTrainer(SeededLoop):
@@ -130,42 +122,7 @@ class MotionTrainer(SeededLoop):
 
     # ----------------------------------------------------------------------------------------------- setup --
 
-    def _models(self) -> dict[str, nn.Module]:
-        pipe = self.pipe
-        encoders = {n: m for n in _TEXT_ENCODERS if isinstance(m := getattr(pipe, n, None), nn.Module)}
-        return {"unet": pipe.unet, "vae": pipe.vae, **encoders}
-
-    @contextlib.contextmanager
-    def _pipeline_borrowed(self) -> Iterator[None]:
-        pipe = self.pipe
-        models = self._models()
-        grad_flags = [(p, p.requires_grad) for m in models.values() for p in m.parameters()]
-        modes = {name: m.training for name, m in models.items()}
-        devices = {name: next(m.parameters()).device for name, m in models.items()}
-        checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
-        progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-        try:
-            for m in models.values():
-                m.requires_grad_(False)
-                m.eval()
-            pipe.set_progress_bar_config(disable=True)
-            yield
-        finally:
-            if not self.keep_adapter:
-                self.method.remove()
-            if self.config.gradient_checkpointing and not checkpointing:
-                pipe.unet.disable_gradient_checkpointing()
-            for p, flag in grad_flags:
-                p.requires_grad_(flag)
-            for name, m in models.items():
-                m.train(modes[name])
-                if next(m.parameters()).device != devices[name]:
-                    m.to(devices[name])
-            pipe._progress_bar_config = progress
-
     def _setup(self) -> None:
-        from diffusers import DDPMScheduler
-
         cfg, unet = self.config, self.pipe.unet
         unet.to(self.device)
         self._cache_inputs()
@@ -181,25 +138,19 @@ class MotionTrainer(SeededLoop):
         unet.train()
         warmup = cfg.lr_warmup_steps
         self.optimizers = {
-            "spatial": _make_optimizer(self.spatial_params, cfg.spatial_learning_rate, cfg.weight_decay),
-            "temporal": _make_optimizer(self.temporal_params, cfg.learning_rate, cfg.weight_decay),
+            "spatial": make_optimizer(self.spatial_params, cfg.spatial_learning_rate, cfg.weight_decay),
+            "temporal": make_optimizer(self.temporal_params, cfg.learning_rate, cfg.weight_decay),
         }
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / (warmup + 1)))
                            for k, o in self.optimizers.items()}
-        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
-        alphas = scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.sqrt_alpha, self.sqrt_one_minus_alpha = alphas.sqrt(), (1.0 - alphas).sqrt()
+        self._setup_noise_schedule()
 
     @torch.no_grad()
     def _cache_inputs(self) -> None:
         """Latents ``(variants, N, C, F, h, w)`` (variant 1: every frame mirrored) and prompt embeddings."""
         pipe, device = self.pipe, self.device
         vae = pipe.vae
-        encoders = [m for name, m in self._models().items() if name in _TEXT_ENCODERS]
+        encoders = [m for name, m in self._models().items() if name not in ("unet", "vae")]
         vae.to(device)
         for m in encoders:
             m.to(device)
@@ -230,20 +181,6 @@ class MotionTrainer(SeededLoop):
 
     # ------------------------------------------------------------------------------------------------ data --
 
-    def _next_indices(self) -> list[int]:
-        out: list[int] = []
-        n = len(self.dataset)
-        while len(out) < self.config.batch_size:
-            if self.offset >= n:
-                self.epoch, self.offset = self.epoch + 1, 0
-            if self._perm_epoch != self.epoch:
-                self._perm = np.random.default_rng([self.config.seed, self.epoch]).permutation(n)
-                self._perm_epoch = self.epoch
-            take = min(self.config.batch_size - len(out), n - self.offset)
-            out.extend(int(i) for i in self._perm[self.offset:self.offset + take])
-            self.offset += take
-        return out
-
     def _draw(self) -> dict[str, torch.Tensor]:
         """Every random number of one step, drawn in a fixed order whether or not a path uses it."""
         cfg, gen = self.config, self.noise_gen
@@ -265,18 +202,6 @@ class MotionTrainer(SeededLoop):
             "fresh_noise": torch.randn((batch, channels, h, w), generator=gen),
             "anchor": torch.randint(frames, (batch,), generator=gen),
         }
-
-    def _noisy_and_target(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (-1,) + (1,) * (latents.ndim - 1)
-        a = self.sqrt_alpha[timesteps].view(shape)
-        b = self.sqrt_one_minus_alpha[timesteps].view(shape)
-        noisy = (a * latents + b * noise).to(latents.dtype)
-        if self.prediction_type == "epsilon":
-            return noisy, noise
-        if self.prediction_type == "v_prediction":
-            return noisy, a * noise - b * latents
-        return noisy, latents
 
     # ------------------------------------------------------------------------------------------------ step --
 
@@ -321,8 +246,9 @@ class MotionTrainer(SeededLoop):
         try:
             scale = 0.0 if bool(draw["skip_spatial"]) else 1.0
             with self.method.spatial_scaled(scale), self._autocast():
-                pred = self.pipe.unet(noisy, timesteps, embeds.repeat_interleave(frames, dim=0),
-                                      return_dict=False)[0]
+                # UNetMotionModel takes one text row per frame, a UNet3D one per clip (it repeats them itself)
+                text = embeds if is_unet3d(self.pipe.unet) else embeds.repeat_interleave(frames, dim=0)
+                pred = self.pipe.unet(noisy, timesteps, text, return_dict=False)[0]
             loss = debiased_loss(pred, target, draw["anchor"], self.config.debias_beta)
             self._update("temporal", loss, self.temporal_params)
         finally:
@@ -436,33 +362,16 @@ class MotionTrainer(SeededLoop):
         return self.spatial_params + self.temporal_params
 
     def _save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-XXXXXX/`` into a temp folder, rename it into place, keep the latest ones."""
+        """Write ``checkpoints/step-XXXXXX/`` atomically (``training.checkpoints``), keep the latest ones."""
         assert self.work_dir is not None
-        root = self.work_dir / CHECKPOINT_DIR
-        final = root / f"step-{self.step:06d}"
-        tmp = root / f".{final.name}.tmp"
-        for stale in root.glob(".step-*.tmp") if root.is_dir() else ():
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors: dict[str, torch.Tensor] = {f"param.{i:05d}": p.detach() for i, p in enumerate(self._params())}
+        tensors = param_tensors(self._params())
         optimizers: dict[str, Any] = {}
         for which, optimizer in self.optimizers.items():
-            state = optimizer.state_dict()
-            scalars: dict[str, dict[str, Any]] = {}
-            for idx, values in state["state"].items():
-                for key, value in values.items():
-                    if torch.is_tensor(value):
-                        tensors[f"optim.{which}.{idx}.{key}"] = value
-                    else:
-                        scalars.setdefault(str(idx), {})[key] = value
-            optimizers[which] = {"param_groups": _json_safe(state["param_groups"]), "scalars": _json_safe(scalars),
-                                 "lr_scheduler": _json_safe(self.schedulers[which].state_dict())}
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.noise"] = self.noise_gen.get_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        np_state = np.random.get_state()
+            optim_tensors, entry = optimizer_state(optimizer, f"optim.{which}.")
+            tensors.update(optim_tensors)
+            optimizers[which] = {**entry, "lr_scheduler": json_safe(self.schedulers[which].state_dict())}
+        rng_tensors, rng_entry = rng_state(self.noise_gen)
+        tensors.update(rng_tensors)
         info = {
             "format": CHECKPOINT_FORMAT,
             "kind": CHECKPOINT_KIND,
@@ -476,76 +385,26 @@ class MotionTrainer(SeededLoop):
             "data": {"epoch": self.epoch, "offset": self.offset},
             "optimizers": optimizers,
             "n_spatial": len(self.spatial_params),
-            "rng": {
-                "python": _json_safe(random.getstate()),
-                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            },
+            "rng": rng_entry,
         }
-        save_safetensors(tmp / "adapter.safetensors", self.method.adapter_state_dict(), self.method.adapter_metadata())
-        save_safetensors(tmp / "state.safetensors", tensors, {"format": "pt"})
-        atomic_write_json(tmp / "state.json", info)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(self.work_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        return write_checkpoint(self.work_dir, self.step, self.method, tensors, info)
 
     def _load_checkpoint(self, path: Path) -> None:
-        try:
-            info = json.loads((path / "state.json").read_text())
-            tensors, _ = load_safetensors(path / "state.safetensors")
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from exc
+        info, tensors = read_checkpoint(path)
         if info.get("format") != CHECKPOINT_FORMAT or info.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"{path}: not a motion training checkpoint of a supported format")
-        if info.get("method") != self.method.registry_name:
-            raise ValueError(f"{path}: checkpoint of method {info.get('method')!r}, not {self.method.registry_name!r}")
-        saved, current = info["config"], self.config.to_dict()
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in _RESUME_FREE and saved.get(k) != current.get(k))
-        if changed:
-            raise ValueError(f"{path}: cannot resume with changed settings: {', '.join(changed)}")
+        check_method(path, info, self.method.registry_name)
+        check_settings(path, info["config"], self.config.to_dict(), _RESUME_FREE)
         if info["dataset_size"] != len(self.dataset) or info["prompts"] != self.prompts:
             raise ValueError(f"{path}: the dataset (clips or captions) differs from the checkpoint's")
         if info["step"] > self.config.max_steps:
             raise ValueError(f"{path}: checkpoint is at step {info['step']}, beyond max_steps {self.config.max_steps}")
-        params = self._params()
-        n_params = sum(1 for k in tensors if k.startswith("param."))
-        if n_params != len(params) or info.get("n_spatial") != len(self.spatial_params):
-            raise ValueError(f"{path}: checkpoint has {n_params} parameters, the method has {len(params)}")
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                saved_p = tensors[f"param.{i:05d}"]
-                if saved_p.shape != p.shape:
-                    raise ValueError(f"{path}: parameter {i} has shape {tuple(saved_p.shape)}, expected "
-                                     f"{tuple(p.shape)}")
-                p.copy_(saved_p)
+        restore_params(path, tensors, self._params(), layout_matches=info.get("n_spatial") == len(self.spatial_params))
         for which in _OPTIMIZERS:
             entry = info["optimizers"][which]
-            state: dict[int, dict[str, Any]] = {}
-            prefix = f"optim.{which}."
-            for key, value in tensors.items():
-                if key.startswith(prefix):
-                    idx, name = key[len(prefix):].split(".", 1)
-                    state.setdefault(int(idx), {})[name] = value
-            for idx, values in entry["scalars"].items():
-                state.setdefault(int(idx), {}).update(values)
-            groups = entry["param_groups"]
-            for group in groups:
-                if "betas" in group:
-                    group["betas"] = tuple(group["betas"])
-            self.optimizers[which].load_state_dict({"state": state, "param_groups": groups})
+            load_optimizer_state(self.optimizers[which], tensors, f"optim.{which}.", entry)
             self.schedulers[which].load_state_dict(entry["lr_scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.noise_gen.set_state(tensors["rng.noise"])
-        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-        py = info["rng"]["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        name, keys, pos, has_gauss, cached = info["rng"]["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        restore_rng(tensors, info["rng"], self.noise_gen)
         self.epoch, self.offset = info["data"]["epoch"], info["data"]["offset"]
         self.step = int(info["step"])
         self.losses = [float(x) for x in info["losses"]]

@@ -25,13 +25,10 @@ checkpoints and previews; its stop and on-demand decisions are broadcast, so eve
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections import deque
@@ -45,15 +42,30 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from core.io import atomic_write_json, load_safetensors, save_safetensors
 from training.base import JobCancelled, Method, MethodConfig, NullCallback, TrainerCallback, TrainResult
+from training.checkpoints import (
+    CHECKPOINT_DIR,
+    check_method,
+    check_settings,
+    checkpoint_path,
+    config_defaults,
+    json_safe,
+    load_optimizer_state,
+    optimizer_state,
+    param_tensors,
+    read_checkpoint,
+    restore_params,
+    restore_rng,
+    rng_state,
+    write_checkpoint,
+)
+from training.checkpoints import KEEP_CHECKPOINTS as KEEP_CHECKPOINTS  # re-exported: the trainer's public names
+from training.checkpoints import checkpoint_dirs as checkpoint_dirs
+from training.checkpoints import latest_checkpoint as latest_checkpoint
 from training.data import ImageCaptionDataset, build_prompt, to_tensor
 from training.prior import cached_class_images, images_digest
 
-CHECKPOINT_DIR = "checkpoints"
-KEEP_CHECKPOINTS = 2
 CHECKPOINT_FORMAT = 1
-_CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
 # Settings that may change between a checkpoint and its resumption without changing the result.
 _RESUME_FREE = {"max_steps", "checkpoint_every", "preview_every", "preview_prompt", "preview_steps"}
 _ENCODE_BATCH = 8
@@ -62,20 +74,6 @@ _ACCELERATE_ATTRS = ("forward", "_original_forward", "_is_accelerate_prepared") 
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _SDXL_TIME_IDS = 6  # original height and width, crop top and left, target height and width
 log = logging.getLogger(__name__)
-
-
-def checkpoint_dirs(work_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints under ``work_dir``, oldest first."""
-    root = Path(work_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def latest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
-    found = checkpoint_dirs(work_dir)
-    return found[-1] if found else None
 
 
 def make_accelerator(mixed_precision: str = "no") -> Any:
@@ -96,12 +94,13 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     return Accelerator(cpu=not cuda, mixed_precision=mixed_precision)
 
 
-def _make_optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused where this torch build supports it for these tensors, else multi-tensor (foreach)."""
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    """AdamW (``weight_decay`` 0.01 is its default), fused where this torch build supports it for these tensors,
+    else multi-tensor (foreach)."""
     try:
-        return torch.optim.AdamW(params, lr=lr, fused=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, foreach=True)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def _text_encoders(pipe: Any) -> dict[str, nn.Module]:
@@ -114,34 +113,19 @@ def uses_text_time(unet: nn.Module) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def _config_defaults(cls: type[MethodConfig]) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
-
-
 class SeededLoop:
-    """What every training loop here shares: seeding all generators from ``config.seed`` and running on the right
-    number of CPU threads (``cpu_threads``; None: one thread for small UNets, which gain nothing from more)."""
+    """What every training loop here shares: seeding all generators from ``config.seed``, running on the right
+    number of CPU threads (``cpu_threads``; None: one thread for small UNets, which gain nothing from more),
+    borrowing the pipeline, the DDPM noise schedule and the seeded order of the data."""
 
     config: Any
     pipe: Any
+    method: Any
+    dataset: Any
     device: Any
     cpu_threads: int | None
+    keep_adapter: bool
+    world: int = 1  # processes sharing each global batch
 
     def _seed_everything(self) -> None:
         seed = self.config.seed
@@ -167,6 +151,87 @@ class SeededLoop:
             yield
         finally:
             torch.set_num_threads(before)
+
+    def _models(self) -> dict[str, nn.Module]:
+        """The pipeline's models by attribute name: the UNet, the VAE and the text encoder(s)."""
+        return {"unet": self.pipe.unet, "vae": self.pipe.vae, **_text_encoders(self.pipe)}
+
+    @contextlib.contextmanager
+    def _pipeline_borrowed(self) -> Iterator[None]:
+        """Freeze the pipeline for training and put back everything touched, whatever happens."""
+        pipe = self.pipe
+        models = self._models()
+        grad_flags = {id(p): (p, p.requires_grad) for m in models.values() for p in m.parameters()}
+        modes = {name: m.training for name, m in models.items()}
+        devices = {name: next(m.parameters()).device for name, m in models.items()}
+        unet_attrs = {k for k in _ACCELERATE_ATTRS if k in pipe.unet.__dict__}
+        checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
+        progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+        try:
+            for m in models.values():
+                m.requires_grad_(False)
+                m.eval()
+            pipe.set_progress_bar_config(disable=True)
+            yield
+        finally:
+            if not self.keep_adapter:
+                self.method.remove()
+            for key in _ACCELERATE_ATTRS:
+                if key not in unet_attrs:
+                    pipe.unet.__dict__.pop(key, None)
+            if self.config.gradient_checkpointing and not checkpointing:
+                pipe.unet.disable_gradient_checkpointing()
+            for p, flag in grad_flags.values():
+                p.requires_grad_(flag)
+            for name, m in models.items():
+                m.train(modes[name])
+                if next(m.parameters()).device != devices[name]:
+                    m.to(devices[name])
+            pipe._progress_bar_config = progress
+
+    def _setup_noise_schedule(self) -> None:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        alphas = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.sqrt_alpha = alphas.sqrt()
+        self.sqrt_one_minus_alpha = (1.0 - alphas).sqrt()
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.dataset))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _next_indices(self) -> list[int]:
+        """The next global batch (``batch_size`` samples per process) of an endless stream of per-epoch shuffles."""
+        out: list[int] = []
+        n = len(self.dataset)
+        wanted = self.config.batch_size * self.world
+        while len(out) < wanted:
+            if self.offset >= n:
+                self.epoch, self.offset = self.epoch + 1, 0
+            take = min(wanted - len(out), n - self.offset)
+            out.extend(int(i) for i in self._permutation(self.epoch)[self.offset:self.offset + take])
+            self.offset += take
+        return out
+
+    def _noisy_and_target(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noised latents at ``timesteps`` and what the UNet should predict (by the schedule's prediction type)."""
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        a = self.sqrt_alpha[timesteps].view(shape)
+        b = self.sqrt_one_minus_alpha[timesteps].view(shape)
+        noisy = (a * latents + b * noise).to(latents.dtype)
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, a * noise - b * latents
+        return noisy, latents
 
 
 class Trainer(SeededLoop):
@@ -210,39 +275,6 @@ class Trainer(SeededLoop):
 
     # ----------------------------------------------------------------------------------------------- setup --
 
-    @contextlib.contextmanager
-    def _pipeline_borrowed(self) -> Iterator[None]:
-        """Freeze the pipeline for training and put back everything touched, whatever happens."""
-        pipe = self.pipe
-        models = {"unet": pipe.unet, "vae": pipe.vae, **_text_encoders(pipe)}
-        grad_flags = {id(p): (p, p.requires_grad) for m in models.values() for p in m.parameters()}
-        modes = {name: m.training for name, m in models.items()}
-        devices = {name: next(m.parameters()).device for name, m in models.items()}
-        unet_attrs = {k for k in _ACCELERATE_ATTRS if k in pipe.unet.__dict__}
-        checkpointing = bool(getattr(pipe.unet, "is_gradient_checkpointing", False))
-        progress = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-        try:
-            for m in models.values():
-                m.requires_grad_(False)
-                m.eval()
-            pipe.set_progress_bar_config(disable=True)
-            yield
-        finally:
-            if not self.keep_adapter:
-                self.method.remove()
-            for key in _ACCELERATE_ATTRS:
-                if key not in unet_attrs:
-                    pipe.unet.__dict__.pop(key, None)
-            if self.config.gradient_checkpointing and not checkpointing:
-                pipe.unet.disable_gradient_checkpointing()
-            for p, flag in grad_flags.values():
-                p.requires_grad_(flag)
-            for name, m in models.items():
-                m.train(modes[name])
-                if next(m.parameters()).device != devices[name]:
-                    m.to(devices[name])
-            pipe._progress_bar_config = progress
-
     def _setup(self) -> None:
         cfg = self.config
         unet = self.pipe.unet
@@ -264,23 +296,11 @@ class Trainer(SeededLoop):
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
-        optimizer = _make_optimizer(params, cfg.learning_rate)
+        optimizer = make_optimizer(params, cfg.learning_rate)
         warmup = cfg.lr_warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, schedule)
         self._setup_noise_schedule()
-
-    def _setup_noise_schedule(self) -> None:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
-        alphas = scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self.sqrt_alpha = alphas.sqrt()
-        self.sqrt_one_minus_alpha = (1.0 - alphas).sqrt()
 
     def _class_images(self) -> list[Image.Image]:
         """The base model's class images (generated before the adapter exists, or read from the work folder)."""
@@ -389,25 +409,6 @@ class Trainer(SeededLoop):
 
     # ------------------------------------------------------------------------------------------------ data --
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.dataset))
-            self._perm_epoch = epoch
-        return self._perm
-
-    def _next_indices(self) -> list[int]:
-        """The next global batch (``batch_size`` images per process) of an endless stream of per-epoch shuffles."""
-        out: list[int] = []
-        n = len(self.dataset)
-        wanted = self.config.batch_size * self.world
-        while len(out) < wanted:
-            if self.offset >= n:
-                self.epoch, self.offset = self.epoch + 1, 0
-            take = min(wanted - len(out), n - self.offset)
-            out.extend(int(i) for i in self._permutation(self.epoch)[self.offset:self.offset + take])
-            self.offset += take
-        return out
-
     def _share(self, count: int) -> slice:
         """This process's contiguous slice of a global batch of ``count`` rows."""
         per = count // self.world
@@ -437,17 +438,6 @@ class Trainer(SeededLoop):
         mine = self._share(batch)
         picked = latents[variant[mine].to(device), index[mine].to(device)]
         return picked, timesteps[mine].to(device), noise[mine].to(device, picked.dtype)
-
-    def _noisy_and_target(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.sqrt_alpha[timesteps].view(-1, 1, 1, 1)
-        b = self.sqrt_one_minus_alpha[timesteps].view(-1, 1, 1, 1)
-        noisy = (a * latents + b * noise).to(latents.dtype)
-        if self.prediction_type == "epsilon":
-            return noisy, noise
-        if self.prediction_type == "v_prediction":
-            return noisy, a * noise - b * latents
-        return noisy, latents
 
     def _batch(self) -> tuple[torch.Tensor, ...]:
         """Latents, timesteps, noise, text embeddings and pooled embeddings (or None) of this step's UNet call.
@@ -610,36 +600,17 @@ class Trainer(SeededLoop):
 
     def _checkpoint_path(self) -> Path:
         assert self.work_dir is not None
-        return self.work_dir / CHECKPOINT_DIR / f"step-{self.step:06d}"
+        return checkpoint_path(self.work_dir, self.step)
 
     def _save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-XXXXXX/`` into a temp folder, rename it into place, keep the latest ones."""
+        """Write ``checkpoints/step-XXXXXX/`` atomically (``training.checkpoints``), keep the latest ones."""
         assert self.work_dir is not None
-        root = self.work_dir / CHECKPOINT_DIR
-        final = self._checkpoint_path()
-        tmp = root / f".{final.name}.tmp"
-        for stale in root.glob(".step-*.tmp") if root.is_dir() else ():  # left by a crash while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors: dict[str, torch.Tensor] = {f"param.{i:05d}": p.detach() for i, p in enumerate(self.params)}
-        opt_state = self.optimizer.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for idx, state in opt_state["state"].items():
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[f"optim.{idx}.{key}"] = value
-                else:
-                    scalars.setdefault(str(idx), {})[key] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.noise"] = self.noise_gen.get_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        np_state = np.random.get_state()
+        optim_tensors, optim_entry = optimizer_state(self.optimizer, "optim.")
+        rng_tensors, rng_entry = rng_state(self.noise_gen)
         info = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "method": getattr(self.method, "registry_name", type(self.method).__name__),
+            "method": self._method_name(),
             "config": self.config.to_dict(),
             "dataset_size": len(self.dataset),
             "num_processes": self.world,
@@ -647,40 +618,24 @@ class Trainer(SeededLoop):
             "losses": self.losses,
             "class_images": self.class_digest,
             "data": {"epoch": self.epoch, "offset": self.offset},
-            "optimizer": {"param_groups": _json_safe(opt_state["param_groups"]), "scalars": _json_safe(scalars)},
-            "lr_scheduler": _json_safe(self.lr_scheduler.state_dict()),
-            "rng": {
-                "python": _json_safe(random.getstate()),
-                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            },
+            "optimizer": optim_entry,
+            "lr_scheduler": json_safe(self.lr_scheduler.state_dict()),
+            "rng": rng_entry,
         }
-        save_safetensors(tmp / "adapter.safetensors", self.method.adapter_state_dict(), self.method.adapter_metadata())
-        save_safetensors(tmp / "state.safetensors", tensors, {"format": "pt"})
-        atomic_write_json(tmp / "state.json", info)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(self.work_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        tensors = {**param_tensors(self.params), **optim_tensors, **rng_tensors}
+        return write_checkpoint(self.work_dir, self.step, self.method, tensors, info)
+
+    def _method_name(self) -> str:
+        return getattr(self.method, "registry_name", type(self.method).__name__)
 
     def _load_checkpoint(self, path: Path) -> None:
-        try:
-            info = json.loads((path / "state.json").read_text())
-            tensors, _ = load_safetensors(path / "state.safetensors")
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a readable training checkpoint ({exc})") from exc
+        info, tensors = read_checkpoint(path)
         if info.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: checkpoint format {info.get('format')!r} is not supported")
-        method_name = getattr(self.method, "registry_name", type(self.method).__name__)
-        if info["method"] != method_name:
-            raise ValueError(f"{path}: checkpoint of method {info['method']!r}, not {method_name!r}")
+        check_method(path, info, self._method_name())
         # settings added since the checkpoint was written count as their defaults
-        saved, current = {**_config_defaults(type(self.config)), **info["config"]}, self.config.to_dict()
-        changed = sorted(k for k in set(saved) | set(current)
-                         if k not in _RESUME_FREE and saved.get(k) != current.get(k))
-        if changed:
-            raise ValueError(f"{path}: cannot resume with changed settings: {', '.join(changed)}")
+        check_settings(path, {**config_defaults(type(self.config)), **info["config"]}, self.config.to_dict(),
+                       _RESUME_FREE)
         saved_world = int(info.get("num_processes", 1))
         if saved_world != self.world:
             raise ValueError(f"{path}: checkpoint of a run on {saved_world} process(es) (a global batch of "
@@ -693,38 +648,10 @@ class Trainer(SeededLoop):
                              "model changed or they were regenerated on other hardware); start the training over")
         if info["step"] > self.config.max_steps:
             raise ValueError(f"{path}: checkpoint is at step {info['step']}, beyond max_steps {self.config.max_steps}")
-        n_params = sum(1 for k in tensors if k.startswith("param."))
-        if n_params != len(self.params):
-            raise ValueError(f"{path}: checkpoint has {n_params} parameters, the method has {len(self.params)}")
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                saved_p = tensors[f"param.{i:05d}"]
-                if saved_p.shape != p.shape:
-                    raise ValueError(f"{path}: parameter {i} has shape {tuple(saved_p.shape)}, "
-                                     f"expected {tuple(p.shape)}")
-                p.copy_(saved_p)
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
-        for idx, values in info["optimizer"]["scalars"].items():
-            state.setdefault(int(idx), {}).update(values)
-        groups = info["optimizer"]["param_groups"]
-        for group in groups:
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        restore_params(path, tensors, self.params)
+        load_optimizer_state(self.optimizer, tensors, "optim.", info["optimizer"])
         self.lr_scheduler.load_state_dict(info["lr_scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.noise_gen.set_state(tensors["rng.noise"])
-        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-        py = info["rng"]["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        name, keys, pos, has_gauss, cached = info["rng"]["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        restore_rng(tensors, info["rng"], self.noise_gen)
         self.epoch, self.offset = info["data"]["epoch"], info["data"]["offset"]
         self.step = int(info["step"])
         self.losses = [float(x) for x in info["losses"]]

@@ -3,15 +3,11 @@ motion trainer's reader loads; real SQLite, real files, and a ``file://`` shared
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-from PIL import Image
 from sqlalchemy import select
 
 from services.datasets import CLIP_MANIFEST, DatasetService, UploadRejected
@@ -19,62 +15,25 @@ from storage.artifacts import ArtifactStore
 from storage.db import open_database
 from storage.models import DatasetRow
 from storage.remote import make_artifact_store
+from tests.clip_media import bar_frames, gif_bytes, png_bytes, video_bytes, zip_bytes
 from tests.conftest import write_images
 from training.video import load_clip_folder
-
-
-def bar_frames(n: int, width: int = 80, height: int = 64) -> np.ndarray:
-    frames = np.full((n, height, width, 3), (30, 60, 200), np.uint8)
-    for i in range(n):
-        x = round(i * (width - 4) / (n - 1))
-        frames[i, :, x:x + 4] = 255
-    return frames
-
-
-def mp4(frames: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def gif(frames: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=100, loop=0)
-    return buffer.getvalue()
-
-
-def png(frame: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(frame).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture()
 def uploads(tmp_path: Path) -> list[Path]:
     folder = tmp_path / "uploads"
     folder.mkdir()
-    frames = bar_frames(12)
+    frames = bar_frames(12, width=80)
     files = {
-        "walk.mp4": mp4(frames),
+        "walk.mp4": video_bytes(frames),
         "walk.txt": b"a blue square walking right",
-        "hop.gif": gif(bar_frames(5, 64, 64)),
-        "broken.mp4": mp4(frames)[:300],
+        "hop.gif": gif_bytes(bar_frames(5), durations=100),
+        "broken.mp4": video_bytes(frames)[:300],
         "notes.mp4": b"#!/bin/sh\necho not a video\n",
+        "more.zip": zip_bytes([*((f"spin/{i:02d}.png", png_bytes(frames[i * 2])) for i in range(6)),
+                               ("spin/caption.txt", b"a blue square spinning")]),
     }
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
-        for i in range(6):
-            zf.writestr(f"spin/{i:02d}.png", png(frames[i * 2]))
-        zf.writestr("spin/caption.txt", "a blue square spinning")
-    files["more.zip"] = buffer.getvalue()
     paths = []
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -128,7 +87,7 @@ def test_image_datasets_are_unchanged(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds images, not clips"):
         datasets.clip_folder(info.id)
     video = tmp_path / "x.mp4"
-    video.write_bytes(mp4(bar_frames(3)))
+    video.write_bytes(video_bytes(bar_frames(3, width=80)))
     with pytest.raises(UploadRejected, match=r"no usable image in the upload: x\.mp4: not an image \(it looks like "
                                              r"a video\)"):
         datasets.create_dataset("clips-as-images", [video])  # a subject upload still takes images only

@@ -4,12 +4,16 @@ the video base; mismatched kinds, methods and bases are refused at submit."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from PIL import Image
 
 from core.builtin import DEFAULT_VIDEO_BUILTIN
 from core.io import load_safetensors
+from core.pipelines import BaseModelSource
 from services.container import build_services
+from services.runtime import is_video_base
+from tests.clip_media import gif_bytes
 from training.artifact import load_adapter
 from training.world.dataset import concept_dataset
 
@@ -30,9 +34,8 @@ def _clip_dataset(services, tmp_path, count: int = 2) -> str:
     """A motion dataset made the way an upload makes it: GIF clips with ``.txt`` captions."""
     files = []
     for sample in concept_dataset("zigzag", count):
-        frames = [Image.fromarray(f) for f in sample.pixels]
         gif = tmp_path / f"clip{sample.index}.gif"
-        frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        gif.write_bytes(gif_bytes(sample.pixels, durations=100))
         (tmp_path / f"clip{sample.index}.txt").write_text(sample.caption)
         files += [gif, tmp_path / f"clip{sample.index}.txt"]
     return services.datasets.create_clip_dataset("zigzags", files, frames=4, size=32).id
@@ -65,11 +68,26 @@ def test_motion_submissions_are_checked(services, tmp_path) -> None:
         submit(dataset_id=dataset_id, name="a", method="lora", kind="motion", config={"max_steps": 1})
     with pytest.raises(ValueError, match="video method"):
         submit(dataset_id=dataset_id, name="b", method="motion_director", kind="style", config=FAST)
-    with pytest.raises(ValueError, match="an image model"):
+    with pytest.raises(ValueError, match="trains on a video base model; 'builtin:tiny-sd' is an image model"):
         submit(dataset_id=dataset_id, name="c", method="motion_director", kind="motion", config=FAST,
                base_model="builtin:tiny-sd")
-    with pytest.raises(ValueError, match="a video model"):
+    with pytest.raises(ValueError, match="trains on an image base model; 'builtin:tiny-video' is a video model"):
         submit(dataset_id=dataset_id, name="d", method="lora", kind="style", config={"max_steps": 1},
                base_model="builtin:tiny-video")
     with pytest.raises(ValueError, match="hflip_prob"):
         submit(dataset_id=dataset_id, name="e", method="motion_director", kind="motion", config={"flip": True})
+
+
+@pytest.mark.parametrize(("index", "expected"), [
+    ({"_class_name": "AnimateDiffPipeline"}, True),
+    ({"_class_name": "TextToVideoSDPipeline"}, True),
+    ({"_class_name": "StableDiffusionPipeline"}, False),
+    (["AnimateDiffPipeline"], False),
+    (None, None),  # no readable model_index.json: cannot tell without loading
+])
+def test_video_bases_are_told_from_the_model_index(tmp_path, index, expected) -> None:
+    if index is not None:
+        (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert is_video_base(BaseModelSource(str(tmp_path), "folder", str(tmp_path))) is expected
+    for kind in ("hub", "single_file"):  # told only by loading
+        assert is_video_base(BaseModelSource("someone/model", kind, "someone/model")) is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
-import zipfile
 from pathlib import Path
 
 import av
@@ -23,10 +22,19 @@ from storage.clips import (
     resample_indices,
 )
 from storage.uploads import UploadError
+from tests.clip_media import (
+    BACKGROUND,
+    BAR,
+    SIZE,
+    bar_frames,
+    bar_x_for,
+    faststart_mp4,
+    gif_bytes,
+    png_bytes,
+    video_bytes,
+    zip_bytes,
+)
 
-SIZE = 64
-BAR = 4
-BACKGROUND = (40, 80, 160)
 EVEN_16_TO_8 = [0, 2, 4, 6, 9, 11, 13, 15]  # nearest frames to 8 times evenly spaced over 16 frames
 
 
@@ -34,77 +42,11 @@ EVEN_16_TO_8 = [0, 2, 4, 6, 9, 11, 13, 15]  # nearest frames to 8 times evenly s
 # builders
 
 
-def bar_frames(n: int, width: int = SIZE, height: int = SIZE) -> np.ndarray:
-    """``n`` frames of a plain background with a white vertical bar whose position tells the frame's index."""
-    frames = np.empty((n, height, width, 3), np.uint8)
-    frames[:] = BACKGROUND
-    for i in range(n):
-        x = bar_x_for(i, n, width)
-        frames[i, :, x:x + BAR] = 255
-    return frames
-
-
-def bar_x_for(i: int, n: int, width: int = SIZE) -> int:
-    return round(i * (width - BAR) / max(n - 1, 1))
-
-
 def source_index(frame: np.ndarray, n: int) -> int:
     """Which of ``n`` bar frames ``frame`` shows (from the bar's column)."""
     column = frame.astype(int).sum(axis=(0, 2))
     x = int(np.argmax(np.convolve(column, np.ones(BAR), mode="valid")))
     return min(range(n), key=lambda i: abs(bar_x_for(i, n, frame.shape[1]) - x))
-
-
-def video_bytes(frames: np.ndarray, fmt: str = "mp4", codec: str = "libx264", pix_fmt: str = "yuv420p",
-                fps: int = 8, src_format: str = "rgb24") -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        stream.codec_context.thread_count = 1
-        for frame in frames:
-            image = av.VideoFrame.from_ndarray(frame, format=src_format).reformat(format=pix_fmt)
-            for packet in stream.encode(image):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def faststart_mp4(frames: np.ndarray, tmp_path: Path) -> bytes:
-    """An MP4 with its index (moov) before the frame data, as streaming sites serve them."""
-    path = tmp_path / "faststart.mp4"
-    with av.open(str(path), "w", format="mp4", options={"movflags": "+faststart"}) as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path.read_bytes()
-
-
-def gif_bytes(frames: np.ndarray, durations: int | list[int] = 125) -> bytes:
-    images = [Image.fromarray(f) for f in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
-    return buffer.getvalue()
-
-
-def png_bytes(frame: np.ndarray, mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(frame).convert(mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def zip_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members:
-            zf.writestr(name, data)
-    return buffer.getvalue()
 
 
 def upload(tmp_path: Path, files: list[tuple[str, bytes]], **kwargs) -> ClipUploadResult:

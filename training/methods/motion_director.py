@@ -1,20 +1,22 @@
 """MotionDirector: dual-path LoRA motion customization (Zhao et al., 2023, https://arxiv.org/abs/2310.08465).
 
-Spec: ``../shared/reference/methods.md`` §4. On an AnimateDiff video model (``UNetMotionModel``) two LoRA sets
-are trained at once, each with its own AdamW optimizer:
+Spec: ``../shared/reference/methods.md`` §4. On a video UNet, either AnimateDiff's ``UNetMotionModel`` or the
+ModelScope/ZeroScope ``UNet3DConditionModel`` the reference trains, two LoRA sets are trained at once, each with
+its own AdamW optimizer:
 
 * **spatial** LoRAs (appearance) on the spatial transformer blocks
   ``…attentions.j.transformer_blocks.k.{attn1.to_q,to_k,to_v,to_out.0, ff.net.0.proj, ff.net.2}``;
-* **temporal** LoRAs (motion) on the motion-module transformer blocks
-  ``…motion_modules.j.transformer_blocks.k.{attn1,attn2}.{to_q,to_k,to_v,to_out.0}``, ``ff.net.0.proj``,
-  ``ff.net.2``.
+* **temporal** LoRAs (motion) on the temporal transformer blocks — AnimateDiff's
+  ``…motion_modules.j.transformer_blocks.k``, UNet3D's ``transformer_in.transformer_blocks.k`` and
+  ``…temp_attentions.j.transformer_blocks.k`` — on ``{attn1,attn2}.{to_q,to_k,to_v,to_out.0}``, ``ff.net.0.proj``,
+  ``ff.net.2`` (UNet3D's temporal convolutions ``…temp_convs.j`` are not adapted, as in the reference).
 
 Each training step (``training.motion_trainer``), with one timestep ``t`` and one noise ``ε`` per clip:
 
 1. with probability ``spatial_skip_prob`` the spatial path is skipped (and the spatial LoRAs are off in step 2);
-   otherwise the **spatial path** denoises ONE random frame as a 1-frame clip with every motion module bypassed
-   (its forward returns its input: a pure image model), optionally mirrored with fresh noise, and steps only the
-   spatial optimizer on ``‖ε_θ − ε‖²``;
+   otherwise the **spatial path** denoises ONE random frame as a 1-frame clip with every temporal module bypassed
+   (``temporal_bypassed``: its forward returns its input, a pure image model), optionally mirrored with fresh
+   noise, and steps only the spatial optimizer on ``‖ε_θ − ε‖²``;
 2. the **temporal path** denoises the whole clip with the spatial LoRAs on but frozen and steps only the temporal
    optimizer on the appearance-debiased loss ``L_org + L_ad`` (``debiased_loss``): with an anchor frame ``a``
    drawn at random and ``φ(v) = α·v_f − β·v_a`` (α = √(β²+1), applied to every frame ``f``),
@@ -29,14 +31,22 @@ Sampling loads the temporal LoRAs as one peft adapter, as the reference does; th
 ``spatial_scale`` > 0, with their update multiplied by that scale (folded into ``lora_B``). ``export_lora`` gives
 exactly what ``attach`` loads, and ``diffusers_lora_file`` writes it as a diffusers-format file that
 ``AnimateDiffPipeline.load_lora_weights`` reads.
+
+diffusers' ``UNet3DConditionModel`` lacks the peft adapter methods other UNets have (stock
+``TextToVideoSDPipeline.load_lora_weights`` fails: it has no ``load_lora_adapter``); ``peft_ready`` gives them to
+the instance, which ``inject`` and ``attach`` do, after which ``load_lora_weights`` reads the export there too.
+UNet3D also takes one text embedding per clip (it repeats them per frame itself) where ``UNetMotionModel`` takes
+one per frame (``is_unet3d`` tells them apart).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -62,23 +72,27 @@ FF_LAYERS = ("ff.net.0.proj", "ff.net.2")
 TEMPORAL_LAYERS = ATTENTION_LAYERS + FF_LAYERS  # both attentions of a motion module attend across frames
 SPATIAL_LAYERS = ATTENTION_LAYERS[:4] + FF_LAYERS  # the reference leaves cross-attention (attn2) alone
 _BLOCK = r"(?:down_blocks\.\d+|up_blocks\.\d+|mid_block)"
-_MOTION_MODULE = re.compile(rf"{_BLOCK}\.motion_modules\.\d+")
+# temporal transformers: AnimateDiff's motion modules; UNet3D's transformer_in and temp_attentions
+_TEMPORAL_TRANSFORMER = rf"(?:{_BLOCK}\.(?:motion_modules|temp_attentions)\.\d+|transformer_in)"
+# every module that mixes frames (what the spatial path bypasses): the above plus UNet3D's temporal convolutions
+_TEMPORAL_MODULE = re.compile(rf"{_BLOCK}\.(?:motion_modules|temp_attentions|temp_convs)\.\d+|transformer_in")
 
 
 def _layers_regex(container: str, layers: tuple[str, ...] | list[str]) -> str:
     choices = "|".join(re.escape(layer) for layer in layers)
-    return rf"{_BLOCK}\.{container}\.\d+\.transformer_blocks\.\d+\.(?:{choices})"
+    return rf"{container}\.transformer_blocks\.\d+\.(?:{choices})"
 
 
 def temporal_regex(layers: tuple[str, ...] | list[str] = TEMPORAL_LAYERS) -> str:
-    """Module paths of the motion-module layers ``layers`` (full match)."""
-    return _layers_regex("motion_modules", layers)
+    """Module paths of the layers ``layers`` of every temporal transformer block (full match): AnimateDiff's
+    ``…motion_modules.j``, UNet3D's ``transformer_in`` and ``…temp_attentions.j``."""
+    return _layers_regex(_TEMPORAL_TRANSFORMER, layers)
 
 
 def spatial_regex(layers: tuple[str, ...] | list[str] = SPATIAL_LAYERS) -> str:
-    """Module paths of the spatial transformer layers ``layers``; anchored on ``.attentions.`` so motion modules
-    never match (full match)."""
-    return _layers_regex("attentions", layers)
+    """Module paths of the spatial transformer layers ``layers``; anchored on ``.attentions.`` so neither motion
+    modules nor ``temp_attentions`` ever match (full match)."""
+    return _layers_regex(rf"{_BLOCK}\.attentions\.\d+", layers)
 
 
 _ANY_TEMPORAL = re.compile(temporal_regex(TEMPORAL_LAYERS))
@@ -107,31 +121,89 @@ def debiased_loss(pred: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor
 
 
 def motion_modules(unet: nn.Module) -> dict[str, nn.Module]:
-    """The UNet's motion modules (``…motion_modules.j``) by path; empty for an image UNet."""
-    return {n: m for n, m in unet.named_modules() if _MOTION_MODULE.fullmatch(n)}
+    """The UNet's temporal modules by path: AnimateDiff's motion modules (``…motion_modules.j``), or UNet3D's
+    ``transformer_in``, ``…temp_convs.j`` and ``…temp_attentions.j``; empty for an image UNet."""
+    return {n: m for n, m in unet.named_modules() if _TEMPORAL_MODULE.fullmatch(n)}
+
+
+def is_unet3d(unet: nn.Module) -> bool:
+    """Whether ``unet`` is a ModelScope/ZeroScope-style UNet3D (a ``transformer_in`` before its blocks)."""
+    return isinstance(getattr(unet, "transformer_in", None), nn.Module)
 
 
 def require_motion_unet(unet: nn.Module, what: str = "motion_director") -> None:
-    """``ValueError`` unless ``unet`` is a video UNet with AnimateDiff motion modules."""
+    """``ValueError`` unless ``unet`` is a video UNet: AnimateDiff motion modules or UNet3D temporal layers."""
     if not motion_modules(unet):
-        raise ValueError(f"{what} needs an AnimateDiff video base model (a UNetMotionModel with motion modules), "
-                         f"got a {type(unet).__name__} without any; use a video base such as builtin:tiny-video")
+        raise ValueError(f"{what} needs a video base model (an AnimateDiff UNetMotionModel with motion modules, or "
+                         f"a ModelScope/ZeroScope UNet3DConditionModel), got a {type(unet).__name__} without "
+                         "temporal layers; use a video base such as builtin:tiny-video or builtin:tiny-video3d")
+
+
+@functools.cache
+def _with_peft_methods(cls: type) -> type:
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    return type(cls.__name__, (cls, PeftAdapterMixin), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def peft_ready(unet: nn.Module) -> type | None:
+    """Give ``unet`` diffusers' peft adapter methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
+    ``unload_lora``...) when its class lacks them; returns the class it had when it was changed, else ``None``.
+
+    diffusers' ``UNet3DConditionModel`` is such a class (its ``TextToVideoSDPipeline.load_lora_weights`` fails with
+    ``AttributeError: 'UNet3DConditionModel' object has no attribute 'load_lora_adapter'``). The instance becomes
+    a subclass of the same name that adds ``PeftAdapterMixin``; its weights, config and saved form are unchanged.
+    """
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    if isinstance(unet, PeftAdapterMixin):
+        return None
+    original = type(unet)
+    unet.__class__ = _with_peft_methods(original)
+    return original
 
 
 def _identity(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return hidden_states
 
 
+def _identity_forward(module: nn.Module) -> Callable[..., Any]:
+    """A forward for ``module`` that returns its input, in the structure its own forward returns: a
+    ``TransformerTemporalModel`` (UNet3D's ``transformer_in`` and ``temp_attentions``) gives a 1-tuple with
+    ``return_dict=False`` (what UNet3D passes; its blocks take ``[0]``) and a ``TransformerTemporalModelOutput``
+    otherwise; motion modules and temporal convolutions give the tensor."""
+    from diffusers.models.transformers.transformer_temporal import (
+        TransformerTemporalModel,
+        TransformerTemporalModelOutput,
+    )
+
+    if not isinstance(module, TransformerTemporalModel):
+        return _identity
+    signature = inspect.signature(module.forward)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        hidden_states = bound.arguments["hidden_states"]
+        if bound.arguments["return_dict"]:
+            return TransformerTemporalModelOutput(sample=hidden_states)
+        return (hidden_states,)
+
+    return forward
+
+
 @contextmanager
 def temporal_bypassed(unet: nn.Module) -> Iterator[None]:
-    """Every motion module returns its input unchanged (not even computed): the UNet is its image model.
+    """Every temporal module returns its input unchanged (not even computed): the UNet is its image model.
 
-    diffusers' ``UNetMotionModel`` runs its motion modules also for 1-frame clips, where they still change the
-    features (value projection, positional embedding), so the spatial path needs this bypass.
+    diffusers runs AnimateDiff's motion modules, and UNet3D's ``transformer_in``, temporal convolutions and
+    temporal transformers, also for 1-frame clips, where they still change the features (value projections,
+    positional embeddings, convolutions over zero padding), so the spatial path needs this bypass; the reference
+    MotionDirector's UNet3D skips the same modules when a clip has one frame.
     """
     modules = list(motion_modules(unet).values())
     for module in modules:
-        module.forward = _identity
+        module.forward = _identity_forward(module)
     try:
         yield
     finally:
@@ -160,7 +232,8 @@ class MotionDirectorConfig(MethodConfig):
         "help": "Number of training steps (each: a spatial and a temporal update)", "min": 1, "max": 1_000_000})
     batch_size: int = field(default=1, metadata={"help": "Clips per step", "min": 1, "max": 64})
     target_modules: list[str] = field(default_factory=lambda: list(TEMPORAL_LAYERS), metadata={
-        "help": "Layers of every motion-module transformer block that get a temporal LoRA: "
+        "help": "Layers of every temporal transformer block (motion module; UNet3D transformer_in, temp_attentions) "
+                "that get a temporal LoRA: "
                 + ", ".join(TEMPORAL_LAYERS), "advanced": True})
     spatial_target_modules: list[str] = field(default_factory=lambda: list(SPATIAL_LAYERS), metadata={
         "help": "Layers of every spatial transformer block that get a spatial LoRA: any of "
@@ -234,6 +307,7 @@ class MotionDirector(Method):
         self.temporal_params: list[nn.Parameter] = []
         self.spatial_layers: dict[str, Any] = {}
         self.temporal_layers: dict[str, Any] = {}
+        self._original_class: type | None = None  # the UNet's class before ``peft_ready`` changed it
 
     # ---------------------------------------------------------------------------------------------- training --
 
@@ -244,6 +318,7 @@ class MotionDirector(Method):
         if self.unet is not None:
             raise RuntimeError("this MotionDirector is already injected; create a new method object per run")
         require_motion_unet(unet)
+        original_class = peft_ready(unet)
         cfg = self.config
         spatial_re = re.compile(spatial_regex(cfg.spatial_target_modules))
         temporal_re = re.compile(temporal_regex(cfg.target_modules))
@@ -253,10 +328,14 @@ class MotionDirector(Method):
         try:
             unet.add_adapter(peft_config, adapter_name=TRAIN_ADAPTER)
         except ValueError as exc:
-            if not getattr(unet, "peft_config", None) and hasattr(unet, "_hf_peft_config_loaded"):
-                unet._hf_peft_config_loaded = False
+            if not getattr(unet, "peft_config", None):
+                if hasattr(unet, "_hf_peft_config_loaded"):
+                    unet._hf_peft_config_loaded = False
+                if original_class is not None:
+                    unet.__class__ = original_class
             raise ValueError(f"cannot add MotionDirector LoRAs to the UNet: {exc}") from exc
         self.unet = unet
+        self._original_class = original_class
         layers = _lora_layers(unet, TRAIN_ADAPTER)
         self.spatial_layers = {n: m for n, m in layers.items() if spatial_re.fullmatch(n)}
         self.temporal_layers = {n: m for n, m in layers.items() if temporal_re.fullmatch(n)}
@@ -303,6 +382,9 @@ class MotionDirector(Method):
         if unet is None:
             return
         remove_peft_adapter(unet, TRAIN_ADAPTER)
+        if self._original_class is not None and not getattr(unet, "peft_config", None):
+            unet.__class__ = self._original_class
+        self._original_class = None
         self.unet = None
         self.spatial_layers, self.temporal_layers = {}, {}
         self.spatial_params, self.temporal_params = [], []
@@ -313,8 +395,9 @@ class MotionDirector(Method):
     def validate_tensors(cls, pipe: Any, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
         unet = getattr(pipe, "unet", None)
         if unet is None or not motion_modules(unet):
-            raise ValueError(f"this is a motion adapter for an AnimateDiff video base model; {type(pipe).__name__} "
-                             "has no motion modules (pick a video base model such as builtin:tiny-video)")
+            raise ValueError(f"this is a motion adapter for a video base model; {type(pipe).__name__} has no motion "
+                             "modules or other temporal layers (pick a video base model such as builtin:tiny-video "
+                             "or builtin:tiny-video3d)")
         if not tensors:
             raise ValueError("the adapter has no tensors")
         pairs, problems = _parse_tensors(tensors)
@@ -374,6 +457,7 @@ class MotionDirector(Method):
             raise ValueError(f"an adapter named {name!r} is already loaded in this pipeline")
         state, header = diffusers_lora_file(tensors, metadata)
         config = json.loads(header[DIFFUSERS_METADATA_KEY])
+        peft_ready(pipe.unet)
         pipe.unet.load_lora_adapter(state, prefix="unet", adapter_name=name, metadata=config, _pipeline=pipe)
         return PeftAttachedAdapter(pipe, name)
 
