@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
+from core.builtin import DEFAULT_BUILTIN
 from services.evaluation import (
     BASE_ROW,
     COMPOSER_NAMES,
@@ -85,7 +86,7 @@ def test_eval_ci_through_the_command_line(tmp_path: Path, models_dir: Path, monk
     assert "train lora on robot" in captured.err and "compose robot+pixelated" in captured.err
     results = json.loads((out / "results.json").read_text())
     assert results["profile"] == "ci" and results["settings"]["seed"] == 5
-    assert results["base_model"]["ref"] == "builtin:tiny-sd" and len(results["base_model"]["hash"]) == 16
+    assert results["base_model"]["ref"] == f"builtin:{DEFAULT_BUILTIN}" and len(results["base_model"]["hash"]) == 16
     assert results["hardware"]["cpu_count"] >= 1 and results["hardware"]["torch_threads"] == 1
     assert results["command"].startswith("lorastudio eval --profile ci ")
     timings = results["timings"]
