@@ -58,6 +58,7 @@ class VideoSettings:
     threads: int = 2
     stop: int = 0  # end this run after that many steps (0: all ``steps``); a later run continues from the checkpoint
     init_from: str = ""  # a world video pipeline folder whose motion modules this run starts from (continue training)
+    train_cross_attention: bool = False  # also train the spatial cross-attention, so motion words reach the features
 
     def key(self) -> dict[str, Any]:
         skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "stop"}
@@ -91,12 +92,18 @@ def render_clips(settings: VideoSettings, work: Path, progress: bool = True) -> 
     return out, captions
 
 
-def motion_parameters(unet) -> list[torch.nn.Parameter]:
-    return [p for name, p in unet.named_parameters() if ".motion_modules." in f".{name}"]
+def motion_parameters(unet, cross_attention: bool = False) -> list[torch.nn.Parameter]:
+    """The motion modules' parameters, and with ``cross_attention`` those of the spatial blocks' text
+    cross-attention (``attentions.j.transformer_blocks.k.attn2``): AnimateDiff's motion modules never see the
+    text, so on a small base that was never taught "moving up" the words must shape the spatial features they
+    read."""
+    return [p for name, p in unet.named_parameters() if ".motion_modules." in f".{name}"
+            or (cross_attention and ".attentions." in f".{name}" and ".attn2." in name)]
 
 
-def _warm_start_motion(unet, folder: str) -> None:
-    """Load the motion-module weights of the video pipeline in ``folder`` (same architecture) into ``unet``."""
+def _warm_start_motion(unet, folder: str, cross_attention: bool = False) -> None:
+    """Load the weights this stage trains (``motion_parameters``) from the video pipeline in ``folder`` (same
+    architecture) into ``unet``."""
     if not folder:
         return
     from safetensors.torch import load_file
@@ -104,8 +111,10 @@ def _warm_start_motion(unet, folder: str) -> None:
     files = sorted((Path(folder) / "unet").glob("*.safetensors"))
     if not files:
         raise ValueError(f"--init-from {folder}: no unet/*.safetensors there")
-    saved = {k: v.float() for f in files for k, v in load_file(f).items() if ".motion_modules." in f".{k}"}
-    own = {k for k in unet.state_dict() if ".motion_modules." in f".{k}"}
+    trained = {n for n, p in unet.named_parameters() if any(p is q for q in motion_parameters(unet, cross_attention))}
+    trained |= {k for k in unet.state_dict() if ".motion_modules." in f".{k}"}  # buffers too
+    saved = {k: v.float() for f in files for k, v in load_file(f).items() if k in trained}
+    own = trained
     if set(saved) != own:
         raise ValueError(f"--init-from {folder}: its motion modules do not match this architecture")
     unet.load_state_dict(saved, strict=False)
@@ -125,8 +134,8 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    _warm_start_motion(unet, settings.init_from)
-    params = motion_parameters(unet)
+    _warm_start_motion(unet, settings.init_from, settings.train_cross_attention)
+    params = motion_parameters(unet, settings.train_cross_attention)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
@@ -266,7 +275,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--final-prompts", type=int, default=80)
     parser.add_argument("--quiet", action="store_true")
     for f in fields(VideoSettings):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=f.default)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     return parser.parse_args(argv)
 
 

@@ -51,6 +51,17 @@ def test_only_motion_modules_learn_and_resume_is_exact(tmp_path: Path, image_mod
     assert moved
 
 
+def test_cross_attention_training_changes_only_attn2_besides_motion(tmp_path: Path, image_model: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    pipe, _ = train_video.train_motion(replace(TINY, train_cross_attention=True), tmp_path, image_model,
+                                       progress=False)
+    image_state = UNet2DConditionModel.from_pretrained(image_model / "unet").state_dict()
+    changed = {k for k, v in _motion_state(pipe).items() if k in image_state and not torch.equal(v, image_state[k])}
+    assert changed and all(".attentions." in k and ".attn2." in k for k in changed)
+    assert any(".to_k." in k for k in changed)
+
+
 def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model: Path) -> None:
     from core.pipelines import BaseModelSource, load_pipeline
 
