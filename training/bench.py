@@ -538,20 +538,9 @@ def _video_suite(names: list[str], plan: dict[str, int], settings: dict[str, Any
     clips = make_clip_dataset(settings)
     speeds: dict[str | None, list[float]] = {None: [], **{n: [] for n in names}}
     errors: dict[str | None, str] = {}
-    for _ in range(plan["rounds"]):
-        for name in speeds:
-            if name in errors:
-                continue
-            kwargs = {"steps": plan["steps"], "warmup": plan["warmup"], "threads": threads}
-            if name is None:
-                run = functools.partial(video_baseline_run, pipe, clips, _plain_config(settings), **kwargs)
-            else:
-                run = functools.partial(motion_trainer_run, pipe, clips, name, settings, **kwargs)
-            stats, error = _guarded(run)
-            if error:
-                errors[name] = error
-            else:
-                speeds[name].append(stats.steps_per_s)
+    _time_rounds(speeds, errors, plan, threads,
+                 lambda **kw: video_baseline_run(pipe, clips, _plain_config(settings), **kw),
+                 lambda name, **kw: motion_trainer_run(pipe, clips, name, settings, **kw))
     memory: dict[str | None, Any] = {}
     for name in speeds:
         if name in errors:
@@ -689,6 +678,23 @@ def _guarded(fn: Callable[[], Any]) -> tuple[Any, str | None]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def _time_rounds(speeds: dict[str | None, list[float]], errors: dict[str | None, str], plan: dict[str, int],
+                 threads: int | None, baseline: Callable[..., Any], method: Callable[..., Any]) -> None:
+    """``plan["rounds"]`` rounds of every entry of ``speeds`` in turn (key ``None``: ``baseline(**kw)``, a name:
+    ``method(name, **kw)``), appending steps/s; an entry that fails is recorded in ``errors`` and not run again."""
+    kwargs = {"steps": plan["steps"], "warmup": plan["warmup"], "threads": threads}
+    for _ in range(plan["rounds"]):
+        for name in speeds:
+            if name in errors:
+                continue
+            run = functools.partial(baseline, **kwargs) if name is None else functools.partial(method, name, **kwargs)
+            stats, error = _guarded(run)
+            if error:
+                errors[name] = error
+            else:
+                speeds[name].append(stats.steps_per_s)
+
+
 def run_training_suite(methods: Sequence[str] | None = None, quick: bool = False, steps: int | None = None,
                        rounds: int | None = None, threads: int | None = DEFAULT_THREADS,
                        isolate: bool | None = None, pipe: Any = None,
@@ -713,20 +719,9 @@ def run_training_suite(methods: Sequence[str] | None = None, quick: bool = False
     errors: dict[str | None, str] = {}
     with tempfile.TemporaryDirectory(prefix="lorastudio-bench-") as tmp:
         dataset = ImageCaptionDataset(make_images(Path(tmp), size=settings["resolution"]), settings["resolution"])
-        for _ in range(plan["rounds"]):
-            for name in speeds:
-                if name in errors:
-                    continue
-                kwargs = {"steps": plan["steps"], "warmup": plan["warmup"], "threads": threads}
-                if name is None:
-                    run = functools.partial(baseline_run, pipe, dataset, MethodConfig.from_dict(settings), **kwargs)
-                else:
-                    run = functools.partial(trainer_run, pipe, dataset, name, settings, **kwargs)
-                stats, error = _guarded(run)
-                if error:
-                    errors[name] = error
-                else:
-                    speeds[name].append(stats.steps_per_s)
+        _time_rounds(speeds, errors, plan, threads,
+                     lambda **kw: baseline_run(pipe, dataset, MethodConfig.from_dict(settings), **kw),
+                     lambda name, **kw: trainer_run(pipe, dataset, name, settings, **kw))
         memory = {}
         for name in speeds:
             if name in errors:

@@ -251,24 +251,24 @@ def test_a_bad_frame_refuses_its_clip_by_name_and_other_clips_survive(tmp_path: 
 # hostile and broken files
 
 
+def _no_frames(fmt: str, codec: str) -> io.BytesIO:
+    """A container of format ``fmt`` with one ``codec`` video stream and not a single frame in it."""
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()
+    return out
+
+
 def test_each_bad_file_is_refused_by_name_while_good_files_are_kept(tmp_path: Path, good_mp4: bytes) -> None:
     frames = bar_frames(16)
     cut = faststart_mp4(frames, tmp_path)
     flipped = bytearray(good_mp4)
     for i in range(len(flipped) // 3, len(flipped) // 3 + 400):
         flipped[i] ^= 0x5A
-    empty_mp4 = io.BytesIO()
-    with av.open(empty_mp4, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        container.start_encoding()
-    empty_webm = io.BytesIO()
-    with av.open(empty_webm, "w", format="webm") as container:
-        stream = container.add_stream("libvpx-vp9", rate=8)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        container.start_encoding()
+    empty_mp4, empty_webm = _no_frames("mp4", "libx264"), _no_frames("webm", "libvpx-vp9")
     audio = io.BytesIO()
     with av.open(audio, "w", format="mp4") as container:
         stream = container.add_stream("aac", rate=44100)
