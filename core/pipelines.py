@@ -10,6 +10,7 @@ they are missing there, and downloads are allowed (``HF_HUB_OFFLINE`` unset), do
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -349,6 +350,8 @@ def _check_loaded(pipe, source: BaseModelSource, placement: DevicePlacement):
                              "checkpoint does not match its config")
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
+    if getattr(pipe, "unet", None) is not None:
+        peft_ready(pipe.unet)  # so LoRA files load into every base, UNet3D (ModelScope/ZeroScope) included
     pipe.set_progress_bar_config(disable=True)
     try:
         return pipe.to(placement.device)
@@ -405,3 +408,28 @@ def base_model_hash(source: BaseModelSource) -> str:
     except OSError:  # read-only model folders are fine; the hash is just recomputed
         pass
     return value
+
+
+@functools.cache
+def _with_peft_methods(cls: type) -> type:
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    return type(cls.__name__, (cls, PeftAdapterMixin), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def peft_ready(unet: Any) -> type | None:
+    """Give ``unet`` diffusers' peft adapter methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
+    ``unload_lora``...) when its class lacks them; returns the class it had when it was changed, else ``None``.
+
+    diffusers' ``UNet3DConditionModel`` is such a class (its ``TextToVideoSDPipeline.load_lora_weights`` fails with
+    ``AttributeError: 'UNet3DConditionModel' object has no attribute 'load_lora_adapter'``). The instance becomes
+    a subclass of the same name that adds ``PeftAdapterMixin``; its weights, config and saved form are unchanged.
+    diffusers offers no public hook for this, hence the class swap.
+    """
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    if isinstance(unet, PeftAdapterMixin):
+        return None
+    original = type(unet)
+    unet.__class__ = _with_peft_methods(original)
+    return original

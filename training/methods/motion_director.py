@@ -41,7 +41,6 @@ one per frame (``is_unet3d`` tells them apart).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import math
@@ -55,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.pipelines import peft_ready
 from training.base import METHODS, LoRAFactors, Method, MethodConfig, PeftAttachedAdapter, remove_peft_adapter
 from training.methods.lora import (
     DIFFUSERS_METADATA_KEY,
@@ -137,30 +137,6 @@ def require_motion_unet(unet: nn.Module, what: str = "motion_director") -> None:
         raise ValueError(f"{what} needs a video base model (an AnimateDiff UNetMotionModel with motion modules, or "
                          f"a ModelScope/ZeroScope UNet3DConditionModel), got a {type(unet).__name__} without "
                          "temporal layers; use a video base such as builtin:tiny-video or builtin:tiny-video3d")
-
-
-@functools.cache
-def _with_peft_methods(cls: type) -> type:
-    from diffusers.loaders.peft import PeftAdapterMixin
-
-    return type(cls.__name__, (cls, PeftAdapterMixin), {"__module__": cls.__module__, "__doc__": cls.__doc__})
-
-
-def peft_ready(unet: nn.Module) -> type | None:
-    """Give ``unet`` diffusers' peft adapter methods (``add_adapter``, ``load_lora_adapter``, ``set_adapters``,
-    ``unload_lora``...) when its class lacks them; returns the class it had when it was changed, else ``None``.
-
-    diffusers' ``UNet3DConditionModel`` is such a class (its ``TextToVideoSDPipeline.load_lora_weights`` fails with
-    ``AttributeError: 'UNet3DConditionModel' object has no attribute 'load_lora_adapter'``). The instance becomes
-    a subclass of the same name that adds ``PeftAdapterMixin``; its weights, config and saved form are unchanged.
-    """
-    from diffusers.loaders.peft import PeftAdapterMixin
-
-    if isinstance(unet, PeftAdapterMixin):
-        return None
-    original = type(unet)
-    unet.__class__ = _with_peft_methods(original)
-    return original
 
 
 def _identity(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
