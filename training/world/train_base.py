@@ -675,10 +675,10 @@ def run(settings: BaseSettings, work: Path, out: Path, progress: bool = True, fi
     return record
 
 
-def _previous_record(init_from: str) -> dict[str, Any] | None:
-    """The training record of the weights this run started from (itself holding its own predecessor's), so the
-    whole lineage of a model travels with it."""
-    path = Path(init_from) / "training.json" if init_from else None
+def _previous_record(init_from: str, name: str = "training.json") -> dict[str, Any] | None:
+    """The record ``name`` (``training.json`` or ``metrics.json``) of the weights this run started from (itself
+    holding its own predecessor's), so the whole lineage of a model travels with it."""
+    path = Path(init_from) / name if init_from else None
     if path is None or not path.is_file():
         return None
     try:

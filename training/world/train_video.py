@@ -28,6 +28,7 @@ from training.world.train_base import (
     _atomic_npz,
     _fingerprint,
     _load,
+    _previous_record,
     _save,
     _snr_weights,
     encode_pool,
@@ -59,6 +60,9 @@ class VideoSettings:
     stop: int = 0  # end this run after that many steps (0: all ``steps``); a later run continues from the checkpoint
     init_from: str = ""  # a world video pipeline folder whose motion modules this run starts from (continue training)
     train_cross_attention: bool = False  # also train the spatial cross-attention, so motion words reach the features
+    train_spatial: bool = False  # train every UNet weight (a full fine-tune on clips), not only the motion path
+    high_noise_share: float = 0.0  # share of each batch noised in the top 40 % of timesteps, where only the text
+    # can tell the direction (elsewhere the noisy clip shows it, and the model learns to ignore the words)
 
     def key(self) -> dict[str, Any]:
         skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "stop"}
@@ -92,16 +96,16 @@ def render_clips(settings: VideoSettings, work: Path, progress: bool = True) -> 
     return out, captions
 
 
-def motion_parameters(unet, cross_attention: bool = False) -> list[torch.nn.Parameter]:
+def motion_parameters(unet, cross_attention: bool = False, spatial: bool = False) -> list[torch.nn.Parameter]:
     """The motion modules' parameters, and with ``cross_attention`` those of the spatial blocks' text
     cross-attention (``attentions.j.transformer_blocks.k.attn2``): AnimateDiff's motion modules never see the
     text, so on a small base that was never taught "moving up" the words must shape the spatial features they
-    read."""
-    return [p for name, p in unet.named_parameters() if ".motion_modules." in f".{name}"
+    read. ``spatial`` selects every weight of the UNet."""
+    return [p for name, p in unet.named_parameters() if spatial or ".motion_modules." in f".{name}"
             or (cross_attention and ".attentions." in f".{name}" and ".attn2." in name)]
 
 
-def _warm_start_motion(unet, folder: str, cross_attention: bool = False) -> None:
+def _warm_start_motion(unet, folder: str, cross_attention: bool = False, spatial: bool = False) -> None:
     """Load the weights this stage trains (``motion_parameters``) from the video pipeline in ``folder`` (same
     architecture) into ``unet``."""
     if not folder:
@@ -111,13 +115,22 @@ def _warm_start_motion(unet, folder: str, cross_attention: bool = False) -> None
     files = sorted((Path(folder) / "unet").glob("*.safetensors"))
     if not files:
         raise ValueError(f"--init-from {folder}: no unet/*.safetensors there")
-    trained = {n for n, p in unet.named_parameters() if any(p is q for q in motion_parameters(unet, cross_attention))}
+    chosen = motion_parameters(unet, cross_attention, spatial)
+    trained = {n for n, p in unet.named_parameters() if any(p is q for q in chosen)}
     trained |= {k for k in unet.state_dict() if ".motion_modules." in f".{k}"}  # buffers too
     saved = {k: v.float() for f in files for k, v in load_file(f).items() if k in trained}
-    own = trained
-    if set(saved) != own:
+    if set(saved) != trained:
         raise ValueError(f"--init-from {folder}: its motion modules do not match this architecture")
     unet.load_state_dict(saved, strict=False)
+
+
+def _timesteps(total: int, count: int, high_share: float, gen: torch.Generator) -> torch.Tensor:
+    """Uniform training timesteps, the first ``round(high_share * count)`` of them drawn from the top 40 %."""
+    t = torch.randint(0, total, (count,), generator=gen)
+    high = round(high_share * count)
+    if high:
+        t[:high] = torch.randint(int(total * 0.6), total, (high,), generator=gen)
+    return t
 
 
 def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress: bool = True):
@@ -134,8 +147,8 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    _warm_start_motion(unet, settings.init_from, settings.train_cross_attention)
-    params = motion_parameters(unet, settings.train_cross_attention)
+    _warm_start_motion(unet, settings.init_from, settings.train_cross_attention, settings.train_spatial)
+    params = motion_parameters(unet, settings.train_cross_attention, settings.train_spatial)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
@@ -144,6 +157,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     path, key = work / "motion.ckpt", settings.key()
     step, history, gen = 0, [], torch.Generator().manual_seed(settings.seed + 20)
     state = _load(path, key)
+    spent = state.get("elapsed_s", 0.0) if state else 0.0  # seconds the earlier runs of this checkpoint took
     if state is not None:
         for p, saved in zip(params, state["params"]):
             p.data.copy_(saved)
@@ -179,7 +193,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
         drop = torch.rand(len(idx), generator=gen) < settings.cond_dropout
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         noise = torch.randn(lat.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = _timesteps(noise_scheduler.config.num_train_timesteps, len(idx), settings.high_noise_share, gen)
         noisy = noise_scheduler.add_noise(lat, noise, t)
         lr = warmup_cosine(settings.lr, step, settings.steps, settings.warmup)
         pred = unet(noisy, t, cond.repeat_interleave(frames, dim=0)).sample
@@ -201,12 +215,13 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
             for p, v in zip(params, live):
                 p.data.copy_(v)
             unet.train()
-            history.append({"step": step, "elapsed_s": time.time() - started, **metrics})
+            history.append({"step": step, "elapsed_s": spent + time.time() - started, **metrics})
             if progress:
                 print(f"eval at step {step}: {json.dumps(metrics)}", flush=True)
         if step % settings.checkpoint_every == 0 or step == last:
             _save(path, {"key": key, "params": [p.detach().clone() for p in params], "optimizer": opt.state_dict(),
-                         "ema": ema.shadow, "step": step, "history": history, "generator": gen.get_state()})
+                         "ema": ema.shadow, "step": step, "history": history, "generator": gen.get_state(),
+                         "elapsed_s": spent + time.time() - started})
     ema.copy_to(params)
     unet.eval()
     for p in params:
@@ -251,18 +266,34 @@ def video_quality(pipe, count: int, steps: int = 20, guidance: float = 4.0, seed
             "shape": float(np.mean(shape))}
 
 
+def sync_motion_adapter(pipe) -> None:
+    """Copy the trained motion modules from the UNet into the pipeline's ``motion_adapter`` component: the UNet
+    took copies of the adapter's weights when it was built, so without this the saved adapter (what someone pairs
+    with another image model) would hold the untrained ones."""
+    unet_state = pipe.unet.state_dict()
+    adapter_state = pipe.motion_adapter.state_dict()
+    missing = sorted(set(adapter_state) - set(unet_state))
+    if missing:
+        raise ValueError(f"the UNet has no motion-module weights named like the adapter's, e.g. {missing[0]}")
+    pipe.motion_adapter.load_state_dict({k: unet_state[k] for k in adapter_state})
+
+
 def run(settings: VideoSettings, work: Path, image_dir: Path, out: Path, progress: bool = True,
         final_prompts: int = 80) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
     t0 = time.time()
     pipe, history = train_motion(settings, work, image_dir, progress)
-    train_s = time.time() - t0
+    state = _load(work / "motion.ckpt", settings.key())  # holds the time of every run that led to it
+    train_s = state["elapsed_s"] if state and "elapsed_s" in state else time.time() - t0
+    sync_motion_adapter(pipe)
     final = video_quality(pipe, final_prompts, guidance=settings.guidance)
     if progress:
         print(f"final: {json.dumps(final)}", flush=True)
     record = {"training": {"settings": asdict(settings), "image_model": str(image_dir), "times_s": {"train": train_s},
-                           "hardware": hardware(), "command": "python -m training.world.train_video"},
-              "metrics": {"video": final, "history": history}}
+                           "hardware": hardware(), "command": "python -m training.world.train_video",
+                           "continued_from": _previous_record(settings.init_from)},
+              "metrics": {"video": final, "history": history,
+                          "continued_from": _previous_record(settings.init_from, "metrics.json")}}
     save_pipeline(pipe, out, record)
     return record
 

@@ -62,6 +62,25 @@ def test_cross_attention_training_changes_only_attn2_besides_motion(tmp_path: Pa
     assert any(".to_k." in k for k in changed)
 
 
+def test_high_noise_share_draws_its_share_from_the_top_timesteps() -> None:
+    t = train_video._timesteps(1000, 8, 0.5, torch.Generator().manual_seed(0))
+    assert (t[:4] >= 600).all() and t.shape == (8,)
+    plain = train_video._timesteps(1000, 8, 0.0, torch.Generator().manual_seed(0))  # unchanged draws by default
+    assert torch.equal(plain, torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_spatial_training_changes_every_part_of_the_unet(tmp_path: Path, image_model: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    pipe, _ = train_video.train_motion(replace(TINY, train_spatial=True), tmp_path, image_model, progress=False)
+    image_state = UNet2DConditionModel.from_pretrained(image_model / "unet").state_dict()
+    state = _motion_state(pipe)
+    changed = {k for k, v in state.items() if k in image_state and not torch.equal(v, image_state[k])}
+    for part in ("conv_in.", "time_embedding.", ".resnets.", ".attn1.", ".attn2.", "conv_out."):
+        assert any(part in f".{k}" for k in changed), part
+    assert any(".motion_modules." in k for k in state)
+
+
 def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model: Path) -> None:
     from core.pipelines import BaseModelSource, load_pipeline
 
@@ -71,6 +90,9 @@ def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model:
     assert record["settings"]["steps"] == 3 and "direction" in json.loads((out / "metrics.json").read_text())["video"]
     pipe = load_pipeline(BaseModelSource(str(out), "folder", str(out)))
     assert type(pipe).__name__ == "AnimateDiffPipeline"
+    unet_state, adapter_state = pipe.unet.state_dict(), pipe.motion_adapter.state_dict()
+    assert all(torch.equal(v, unet_state[k]) for k, v in adapter_state.items())  # the adapter holds the trained ones
+    assert record["times_s"]["train"] > 0
     frames = pipe("a big red circle moving up on a blue plain background", num_frames=8, num_inference_steps=2,
                   height=64, width=64, output_type="np").frames
     assert frames.shape == (1, 8, 64, 64, 3)
