@@ -1,10 +1,11 @@
 """Train the built-in world video model: an AnimateDiff motion module over the trained world image model.
 
-Run ``python -m training.world.train_video --image DIR --work DIR --out DIR`` after ``train_base``. Only the motion
-modules learn (the image model stays frozen, as in AnimateDiff), on world clips of the four base moves (left, right,
-up, down) captioned "... moving up ...". Checkpoints and resume work as in ``train_base``; ``--out`` receives the
-AnimateDiff pipeline in diffusers format (fp16) with ``training.json`` and ``metrics.json`` (the motion detector's
-verdict on generated clips).
+Run ``python -m training.world.train_video --image DIR --work DIR --out DIR`` after ``train_base``. By default only
+the motion modules learn (the image model stays frozen, as in AnimateDiff); ``--train-cross-attention`` adds the
+spatial text cross-attention and ``--train-spatial`` every UNet weight. The clips show the four base moves (left,
+right, up, down), captioned "... moving up ...". Checkpoints and resume work as in ``train_base``; ``--out``
+receives the AnimateDiff pipeline in diffusers format (fp16) with ``training.json`` and ``metrics.json`` (the
+motion detector's verdict on generated clips).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def _timesteps(total: int, count: int, high_share: float, gen: torch.Generator) 
 
 
 def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress: bool = True):
-    """Train the motion modules; returns (pipeline with EMA weights, history)."""
+    """Train the motion modules (and what ``settings`` adds); returns (pipeline with EMA weights, history)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from core.builtin import SCHEDULER_CONFIG, build_motion_adapter, build_video_pipeline
