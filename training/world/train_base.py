@@ -169,6 +169,19 @@ def _load(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def _resume_vae(path: Path, key: dict[str, Any], vae: torch.nn.Module, opt: torch.optim.Optimizer,
+                gen: torch.Generator) -> tuple[dict[str, Any] | None, int]:
+    """Restore a VAE stage (weights, optimizer, data generator) from its checkpoint when there is one; returns
+    (the checkpoint or ``None``, the step to continue from)."""
+    state = _load(path, key)
+    if state is None:
+        return None, 0
+    vae.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return state, state["step"]
+
+
 def _warm_start(model: torch.nn.Module, folder: str, component: str) -> bool:
     """Load ``folder/component``'s safetensors weights into ``model`` (same architecture) when ``folder`` has them;
     a folder without that component leaves ``model`` as it is (e.g. a VAE-only progress folder)."""
@@ -203,13 +216,8 @@ def train_vae(settings: BaseSettings, work: Path, pixels: np.ndarray, masks: np.
     opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     path = work / "vae.ckpt"
     key = settings.stage_key("vae")
-    step, gen = 0, torch.Generator().manual_seed(settings.seed)
-    state = _load(path, key)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        gen.set_state(state["generator"])
+    gen = torch.Generator().manual_seed(settings.seed)
+    state, step = _resume_vae(path, key, vae, opt, gen)
     last = min(settings.vae_steps, settings.vae_stop or settings.vae_steps)
     if step >= last and state is not None and "scaling_factor" in state:
         vae.register_to_config(scaling_factor=state["scaling_factor"])
@@ -338,13 +346,8 @@ def tune_decoder(settings: BaseSettings, work: Path, vae, pixels: np.ndarray, ma
     opt = torch.optim.AdamW(trained, lr=settings.decoder_lr, weight_decay=0.0)
     path = work / "decoder.ckpt"
     key = settings.stage_key("decoder")
-    step, gen = 0, torch.Generator().manual_seed(settings.seed + 20)
-    state = _load(path, key)
-    if state is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        gen.set_state(state["generator"])
+    gen = torch.Generator().manual_seed(settings.seed + 20)
+    _, step = _resume_vae(path, key, vae, opt, gen)
     started, window, start_step = time.time(), [], step
     vae.train()
     while step < settings.decoder_steps:

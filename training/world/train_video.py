@@ -135,7 +135,8 @@ def _timesteps(total: int, count: int, high_share: float, gen: torch.Generator) 
 
 
 def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress: bool = True):
-    """Train the motion modules (and what ``settings`` adds); returns (pipeline with EMA weights, history)."""
+    """Train the motion modules (and what ``settings`` adds); returns (pipeline with EMA weights, history, training
+    seconds of this run and of the earlier runs it resumed)."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from core.builtin import SCHEDULER_CONFIG, build_motion_adapter, build_video_pipeline
@@ -227,7 +228,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     unet.eval()
     for p in params:
         p.requires_grad_(False)
-    return pipe, history
+    return pipe, history, spent + time.time() - started
 
 
 VIDEO_PROMPT_SEED = 4343
@@ -282,10 +283,7 @@ def sync_motion_adapter(pipe) -> None:
 def run(settings: VideoSettings, work: Path, image_dir: Path, out: Path, progress: bool = True,
         final_prompts: int = 80) -> dict[str, Any]:
     torch.set_num_threads(settings.threads)
-    t0 = time.time()
-    pipe, history = train_motion(settings, work, image_dir, progress)
-    state = _load(work / "motion.ckpt", settings.key())  # holds the time of every run that led to it
-    train_s = state["elapsed_s"] if state and "elapsed_s" in state else time.time() - t0
+    pipe, history, train_s = train_motion(settings, work, image_dir, progress)
     sync_motion_adapter(pipe)
     final = video_quality(pipe, final_prompts, guidance=settings.guidance)
     if progress:

@@ -33,11 +33,11 @@ def _motion_state(pipe) -> dict[str, torch.Tensor]:
 def test_only_motion_modules_learn_and_resume_is_exact(tmp_path: Path, image_model: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    straight, _ = train_video.train_motion(TINY, tmp_path / "a", image_model, progress=False)
+    straight, _, _ = train_video.train_motion(TINY, tmp_path / "a", image_model, progress=False)
     # a run stopped after one step (its checkpoint kept), then started again with the same settings
     stopped = tmp_path / "b"
     train_video.train_motion(replace(TINY, stop=1), stopped, image_model, progress=False)
-    resumed, _ = train_video.train_motion(TINY, stopped, image_model, progress=False)
+    resumed, _, _ = train_video.train_motion(TINY, stopped, image_model, progress=False)
     a, b = _motion_state(straight), _motion_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -45,7 +45,7 @@ def test_only_motion_modules_learn_and_resume_is_exact(tmp_path: Path, image_mod
     image_state = image_unet.state_dict()
     changed = {k for k, v in a.items() if k in image_state and not torch.equal(v, image_state[k])}
     assert not changed, f"spatial weights changed: {sorted(changed)[:3]}"
-    untrained, _ = train_video.train_motion(replace(TINY, steps=0), tmp_path / "c", image_model, progress=False)
+    untrained, _, _ = train_video.train_motion(replace(TINY, steps=0), tmp_path / "c", image_model, progress=False)
     moved = [k for k, v in _motion_state(untrained).items()
              if ".motion_modules." in f".{k}" and not torch.equal(v, a[k])]
     assert moved
@@ -54,7 +54,7 @@ def test_only_motion_modules_learn_and_resume_is_exact(tmp_path: Path, image_mod
 def test_cross_attention_training_changes_only_attn2_besides_motion(tmp_path: Path, image_model: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    pipe, _ = train_video.train_motion(replace(TINY, train_cross_attention=True), tmp_path, image_model,
+    pipe, _, _ = train_video.train_motion(replace(TINY, train_cross_attention=True), tmp_path, image_model,
                                        progress=False)
     image_state = UNet2DConditionModel.from_pretrained(image_model / "unet").state_dict()
     changed = {k for k, v in _motion_state(pipe).items() if k in image_state and not torch.equal(v, image_state[k])}
@@ -72,7 +72,7 @@ def test_high_noise_share_draws_its_share_from_the_top_timesteps() -> None:
 def test_spatial_training_changes_every_part_of_the_unet(tmp_path: Path, image_model: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    pipe, _ = train_video.train_motion(replace(TINY, train_spatial=True), tmp_path, image_model, progress=False)
+    pipe, _, _ = train_video.train_motion(replace(TINY, train_spatial=True), tmp_path, image_model, progress=False)
     image_state = UNet2DConditionModel.from_pretrained(image_model / "unet").state_dict()
     state = _motion_state(pipe)
     changed = {k for k, v in state.items() if k in image_state and not torch.equal(v, image_state[k])}
@@ -97,7 +97,7 @@ def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model:
                   height=64, width=64, output_type="np").frames
     assert frames.shape == (1, 8, 64, 64, 3)
     # a later run continues from the written model's motion modules (fp16 on disk)
-    continued, _ = train_video.train_motion(replace(TINY, steps=0, init_from=str(out)), tmp_path / "d", image_model,
+    continued, _, _ = train_video.train_motion(replace(TINY, steps=0, init_from=str(out)), tmp_path / "d", image_model,
                                             progress=False)
     saved = pipe.unet.state_dict()
     motion = {k: v for k, v in _motion_state(continued).items() if ".motion_modules." in f".{k}"}
