@@ -1,7 +1,7 @@
 """The shipped world video model: it is the default video base, it loads through the public loader as an
-AnimateDiff pipeline, and 20-step clips of fixed held-in prompts show the asked shape making one of the world's
-straight moves, as the world's clip detector judges them. (Which way it moves does not follow the words yet: the
-model is below its direction bar, see docs/world.md.)"""
+AnimateDiff pipeline (v-prediction on a zero-terminal-SNR schedule), and 20-step clips of fixed held-in prompts show
+the asked shape making a straight move along the asked axis, as the world's clip detector judges them. (Which way
+along the axis does not follow the words yet: the model is below its direction bar, see docs/world.md.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from core.pipelines import load_pipeline, resolve_base
 from training.world.captions import parse_caption
 from training.world.concepts import BASE_MOTIONS
 from training.world.detectors import load_detectors
-from training.world.train_video import generate_clips, video_prompts
+from training.world.train_video import AXIS, generate_clips, video_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,6 +32,7 @@ def test_20_step_clips_show_the_asked_shape_moving(tmp_path: Path) -> None:
     source = resolve_base(f"{BUILTIN_PREFIX}{WORLD_VIDEO}", tmp_path)
     pipe = load_pipeline(source)
     assert type(pipe).__name__ == "AnimateDiffPipeline"
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
     prompts = video_prompts(8)  # the first eight of the fixed held-in clip prompts of the quality bar
     clips = generate_clips(pipe, prompts, steps=20, guidance=4.0)
     assert clips.shape == (8, 8, 64, 64, 3)
@@ -39,5 +40,7 @@ def test_20_step_clips_show_the_asked_shape_moving(tmp_path: Path) -> None:
     asked = [parse_caption(p)[0] for p in prompts]
     moves = [s.motion for s in seen]
     assert sum(m in BASE_MOTIONS for m in moves) >= 7, moves  # a straight move, not still or jittering
+    axis = [AXIS.get(m) == AXIS[a.motion] for a, m in zip(asked, moves)]
+    assert sum(axis) >= 7, list(zip([a.motion for a in asked], moves))  # horizontal or vertical as asked
     shapes = [a.objects[0].name in {o.name for o in s.objects} for a, s in zip(asked, seen)]
     assert sum(shapes) >= 5, shapes

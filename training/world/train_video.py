@@ -2,10 +2,11 @@
 
 Run ``python -m training.world.train_video --image DIR --work DIR --out DIR`` after ``train_base``. By default only
 the motion modules learn (the image model stays frozen, as in AnimateDiff); ``--train-cross-attention`` adds the
-spatial text cross-attention and ``--train-spatial`` every UNet weight. The clips show the four base moves (left,
-right, up, down), captioned "... moving up ...". Checkpoints and resume work as in ``train_base``; ``--out``
-receives the AnimateDiff pipeline in diffusers format (fp16) with ``training.json`` and ``metrics.json`` (the
-motion detector's verdict on generated clips).
+spatial text cross-attention and ``--train-spatial`` every UNet weight; ``--train-text-encoder``, ``--zero-snr``,
+``--high-noise-share`` and ``--reversed-pairs`` are the ways tried to make the words set the direction
+(docs/world.md). The clips show the four base moves (left, right, up, down), captioned "... moving up ...".
+Checkpoints and resume work as in ``train_base``; ``--out`` receives the AnimateDiff pipeline in diffusers format
+(fp16) with ``training.json`` and ``metrics.json`` (the motion detector's verdict on generated clips).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from training.world.train_base import (
     _previous_record,
     _save,
     _snr_weights,
+    _warm_start,
     encode_pool,
     hardware,
     optimizer_step,
@@ -62,8 +64,14 @@ class VideoSettings:
     init_from: str = ""  # a world video pipeline folder whose motion modules this run starts from (continue training)
     train_cross_attention: bool = False  # also train the spatial cross-attention, so motion words reach the features
     train_spatial: bool = False  # train every UNet weight (a full fine-tune on clips), not only the motion path
-    high_noise_share: float = 0.0  # share of each batch noised in the top 40 % of timesteps, where only the text
-    # can tell the direction (elsewhere the noisy clip shows it, and the model learns to ignore the words)
+    high_noise_share: float = 0.0  # share of each batch noised in the top ``high_noise_top`` of timesteps, where
+    # only the text can tell the direction (elsewhere the noisy clip shows it, and the model learns to ignore words)
+    high_noise_top: float = 0.4
+    train_text_encoder: bool = False  # also train the text encoder, so the motion words can move apart from the
+    # rest of the caption (the image model's encoder never saw "moving up" and encodes it near "moving down")
+    reversed_pairs: bool = False  # half of each batch is the other half played backwards, captioned with the
+    # opposite direction and noised with the same noise: only the words tell such a pair apart at high noise
+    zero_snr: bool = False  # v-prediction on a schedule whose last step is pure noise (see zero_snr_schedule)
 
     def key(self) -> dict[str, Any]:
         skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "stop"}
@@ -125,12 +133,47 @@ def _warm_start_motion(unet, folder: str, cross_attention: bool = False, spatial
     unet.load_state_dict(saved, strict=False)
 
 
-def _timesteps(total: int, count: int, high_share: float, gen: torch.Generator) -> torch.Tensor:
-    """Uniform training timesteps, the first ``round(high_share * count)`` of them drawn from the top 40 %."""
+# Sampling starts from pure noise, but the stock schedule's noisiest training step still keeps ~7 % of the clip
+# (and "leading" spacing starts sampling at t=951): the model learns to read the direction off that remnant and at
+# sampling time reads a random one off the starting noise. With zero terminal SNR the noisiest step holds no clip
+# at all, so only the words can give the direction (Lin et al., "Common Diffusion Noise Schedules and Sample Steps
+# are Flawed"); epsilon is undefined there, hence v-prediction, and "trailing" spacing samples from t=999.
+ZERO_SNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def zero_snr_schedule(scheduler):
+    """``scheduler`` (an instance) rebuilt as the same class with ``ZERO_SNR``."""
+    return type(scheduler).from_config(scheduler.config, **ZERO_SNR)
+
+
+OPPOSITE_DIRECTION = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def reversed_caption(caption: str) -> str:
+    """``caption`` of a straight move with the opposite direction: the caption of the clip played backwards."""
+    for direction, opposite in OPPOSITE_DIRECTION.items():
+        phrase = f" moving {direction} "
+        if phrase in caption:
+            return caption.replace(phrase, f" moving {opposite} ", 1)
+    raise ValueError(f"not the caption of a straight move: {caption!r}")
+
+
+def _loss_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for the schedule's prediction type; for v-prediction ``(min(SNR, gamma) + 1) /
+    (SNR + 1)``, which keeps weight 1 at the zero-SNR step (plain min-SNR-v would give it none)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return _snr_weights(scheduler, timesteps, gamma)
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return (torch.clamp(snr, max=gamma) + 1) / (snr + 1)
+
+
+def _timesteps(total: int, count: int, high_share: float, gen: torch.Generator, top: float = 0.4) -> torch.Tensor:
+    """Uniform training timesteps, the first ``round(high_share * count)`` of them drawn from the top ``top``."""
     t = torch.randint(0, total, (count,), generator=gen)
     high = round(high_share * count)
     if high:
-        t[:high] = torch.randint(int(total * 0.6), total, (high,), generator=gen)
+        t[:high] = torch.randint(int(total * (1 - top)), total, (high,), generator=gen)
     return t
 
 
@@ -146,16 +189,24 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
     adapter = build_motion_adapter(settings.seed)
     pipe = build_video_pipeline(settings.seed, image_pipe=image_pipe, motion_adapter=adapter)
     pipe.set_progress_bar_config(disable=True)
+    if settings.zero_snr:
+        pipe.scheduler = zero_snr_schedule(pipe.scheduler)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     _warm_start_motion(unet, settings.init_from, settings.train_cross_attention, settings.train_spatial)
     params = motion_parameters(unet, settings.train_cross_attention, settings.train_spatial)
+    if settings.train_text_encoder:
+        _warm_start(text_encoder, settings.init_from, "text_encoder")  # when that folder has one
+        params += list(text_encoder.parameters())
+        text_encoder.train()
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=1e-2)
     ema = EMA(params, settings.ema_decay)
     noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    if settings.zero_snr:
+        noise_scheduler = zero_snr_schedule(noise_scheduler)
     path, key = work / "motion.ckpt", settings.key()
     step, history, gen = 0, [], torch.Generator().manual_seed(settings.seed + 20)
     state = _load(path, key)
@@ -179,28 +230,36 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
         shape = (len(pixels), pixels.shape[1], *means.shape[1:])
         means, stds = means.reshape(shape).half(), stds.reshape(shape).half()
         _save(latents_path, (means, stds))
-    with torch.no_grad():
-        ids = tokenize(tokenizer, captions)
-        empty = text_encoder(tokenize(tokenizer, [""]))[0]
+    ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
+    if settings.reversed_pairs:
+        if settings.batch % 2:
+            raise ValueError("--reversed-pairs needs an even --batch")
+        reversed_ids = tokenize(tokenizer, [reversed_caption(c) for c in captions])
     frames = means.shape[1]
     started, window, start_step = time.time(), [], step
     unet.train()
     last = min(settings.steps, settings.stop or settings.steps)
+    pairs = 2 if settings.reversed_pairs else 1
     while step < last:
-        idx = torch.randint(len(means), (settings.batch,), generator=gen)
+        idx = torch.randint(len(means), (settings.batch // pairs,), generator=gen)
         lat = means[idx].float() + stds[idx].float() * torch.randn(means[idx].shape, generator=gen)
         lat = lat.permute(0, 2, 1, 3, 4)  # (B, C, F, h, w) as UNetMotionModel takes it
-        with torch.no_grad():
-            cond = text_encoder(ids[idx])[0]
-        drop = torch.rand(len(idx), generator=gen) < settings.cond_dropout
+        batch_ids = ids[idx]
+        if pairs == 2:
+            lat, batch_ids = torch.cat([lat, lat.flip(2)]), torch.cat([batch_ids, reversed_ids[idx]])
+        with torch.set_grad_enabled(settings.train_text_encoder):
+            cond, empty = text_encoder(torch.cat([batch_ids, empty_ids]))[0].split([len(batch_ids), 1])
+        drop = (torch.rand(len(idx), generator=gen) < settings.cond_dropout).repeat(pairs)
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
-        noise = torch.randn(lat.shape, generator=gen)
-        t = _timesteps(noise_scheduler.config.num_train_timesteps, len(idx), settings.high_noise_share, gen)
+        noise = torch.randn(lat[:len(idx)].shape, generator=gen).repeat(pairs, 1, 1, 1, 1)
+        t = _timesteps(noise_scheduler.config.num_train_timesteps, len(idx), settings.high_noise_share, gen,
+                       settings.high_noise_top).repeat(pairs)
         noisy = noise_scheduler.add_noise(lat, noise, t)
         lr = warmup_cosine(settings.lr, step, settings.steps, settings.warmup)
         pred = unet(noisy, t, cond.repeat_interleave(frames, dim=0)).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3, 4))
-        loss = (per_sample * _snr_weights(noise_scheduler, t, settings.snr_gamma)).mean()
+        target = noise_scheduler.get_velocity(lat, noise, t) if settings.zero_snr else noise
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3, 4))
+        loss = (per_sample * _loss_weights(noise_scheduler, t, settings.snr_gamma)).mean()
         optimizer_step(opt, params, loss, lr)
         step += 1
         ema.update(step)
@@ -213,10 +272,12 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
             live = [p.detach().clone() for p in params]
             ema.copy_to(params)
             unet.eval()
+            text_encoder.eval()
             metrics = video_quality(pipe, settings.eval_prompts, guidance=settings.guidance)
             for p, v in zip(params, live):
                 p.data.copy_(v)
             unet.train()
+            text_encoder.train(settings.train_text_encoder)
             history.append({"step": step, "elapsed_s": spent + time.time() - started, **metrics})
             if progress:
                 print(f"eval at step {step}: {json.dumps(metrics)}", flush=True)
@@ -226,12 +287,14 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
                          "elapsed_s": spent + time.time() - started})
     ema.copy_to(params)
     unet.eval()
+    text_encoder.eval()
     for p in params:
         p.requires_grad_(False)
     return pipe, history, spent + time.time() - started
 
 
 VIDEO_PROMPT_SEED = 4343
+AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
 
 
 def video_prompts(count: int) -> list[str]:
@@ -254,7 +317,8 @@ def generate_clips(pipe, prompts: Sequence[str], steps: int = 20, guidance: floa
 
 
 def video_quality(pipe, count: int, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
-    """The motion detector's verdict on ``count`` held-in clip prompts: the share moving the asked direction."""
+    """The motion detector's verdict on ``count`` held-in clip prompts: the shares moving the asked direction, along
+    the asked axis (horizontal or vertical, either way) and showing the asked shape."""
     from training.world.captions import parse_caption
     from training.world.detectors import load_detectors
 
@@ -263,9 +327,10 @@ def video_quality(pipe, count: int, steps: int = 20, guidance: float = 4.0, seed
     seen = load_detectors().detect_clips(list(clips))
     asked = [parse_caption(p)[0] for p in prompts]
     direction = [s.motion == a.motion for a, s in zip(asked, seen)]
+    axis = [AXIS.get(s.motion) == AXIS[a.motion] for a, s in zip(asked, seen)]
     shape = [all(o.name in {x.name for x in s.objects} for o in a.objects) for a, s in zip(asked, seen)]
     return {"prompts": count, "steps": steps, "guidance": guidance, "direction": float(np.mean(direction)),
-            "shape": float(np.mean(shape))}
+            "axis": float(np.mean(axis)), "shape": float(np.mean(shape))}
 
 
 def sync_motion_adapter(pipe) -> None:

@@ -87,7 +87,8 @@ def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model:
     out = tmp_path / "out"
     train_video.run(TINY, tmp_path / "work", image_model, out, progress=False, final_prompts=1)
     record = json.loads((out / "training.json").read_text())
-    assert record["settings"]["steps"] == 3 and "direction" in json.loads((out / "metrics.json").read_text())["video"]
+    video = json.loads((out / "metrics.json").read_text())["video"]
+    assert record["settings"]["steps"] == 3 and {"direction", "axis", "shape"} <= set(video)
     pipe = load_pipeline(BaseModelSource(str(out), "folder", str(out)))
     assert type(pipe).__name__ == "AnimateDiffPipeline"
     unet_state, adapter_state = pipe.unet.state_dict(), pipe.motion_adapter.state_dict()
@@ -104,3 +105,66 @@ def test_run_writes_a_loadable_animatediff_pipeline(tmp_path: Path, image_model:
     assert motion and all(torch.equal(v, saved[k].float()) for k, v in motion.items())
     with pytest.raises(ValueError, match="no unet"):
         train_video.train_motion(replace(TINY, init_from=str(tmp_path)), tmp_path / "e", image_model, progress=False)
+
+
+def test_zero_snr_trains_v_prediction_from_pure_noise(tmp_path: Path, image_model: Path) -> None:
+    from diffusers import DDPMScheduler
+
+    from core.builtin import SCHEDULER_CONFIG
+
+    stock = DDPMScheduler(**SCHEDULER_CONFIG)
+    schedule = train_video.zero_snr_schedule(stock)
+    assert stock.alphas_cumprod[-1] > 0.004  # the stock noisiest step keeps ~7 % of the clip's amplitude
+    assert schedule.alphas_cumprod[-1] == 0 and schedule.config.prediction_type == "v_prediction"
+    weights = train_video._loss_weights(schedule, torch.tensor([999, 500, 0]), 5.0)
+    assert weights[0] == 1 and weights[1] == 1 and weights[2] < 0.01  # the pure-noise step keeps its full weight
+    assert torch.equal(train_video._loss_weights(stock, torch.tensor([0, 999]), 5.0),
+                       train_video._snr_weights(stock, torch.tensor([0, 999]), 5.0))  # epsilon: unchanged
+
+    pipe, _, _ = train_video.train_motion(replace(TINY, zero_snr=True), tmp_path, image_model, progress=False)
+    config = pipe.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    pipe.scheduler.set_timesteps(20)
+    assert int(pipe.scheduler.timesteps[0]) == 999  # "trailing": sampling starts at the pure-noise step
+
+
+def test_text_encoder_learns_only_when_asked(tmp_path: Path, image_model: Path) -> None:
+    from transformers import CLIPTextModel
+
+    image_state = CLIPTextModel.from_pretrained(image_model / "text_encoder").state_dict()
+    frozen, _, _ = train_video.train_motion(TINY, tmp_path / "a", image_model, progress=False)
+    assert all(torch.equal(v, image_state[k]) for k, v in frozen.text_encoder.state_dict().items())
+    trained, _, _ = train_video.train_motion(replace(TINY, train_text_encoder=True), tmp_path / "b", image_model,
+                                             progress=False)
+    state = trained.text_encoder.state_dict()
+    assert any(not torch.equal(v, image_state[k]) for k, v in state.items() if "embeddings" in k)
+    assert not trained.text_encoder.training and not any(p.requires_grad for p in trained.text_encoder.parameters())
+
+
+def test_reversed_pairs_play_each_clip_backwards_under_the_opposite_words(tmp_path: Path, image_model: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    caption = "a small red star moving up on a black dotted background"
+    assert train_video.reversed_caption(caption) == "a small red star moving down on a black dotted background"
+    with pytest.raises(ValueError, match="straight move"):
+        train_video.reversed_caption("a small red star moving in an orbit on a black dotted background")
+    from diffusers import UNetMotionModel
+
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    forward = UNetMotionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if self.training:
+            calls.append((sample.detach().clone(), timestep.clone(), encoder_hidden_states.detach().clone()))
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNetMotionModel, "forward", spy)
+    train_video.train_motion(replace(TINY, batch=2, reversed_pairs=True, cond_dropout=0.0), tmp_path, image_model,
+                             progress=False)
+    sample, timestep, text = calls[0]
+    assert timestep[0] == timestep[1]
+    difference = sample[0] - sample[1]  # same noise, so only the clip and its reverse differ: odd under reversal
+    assert difference.abs().max() > 0 and torch.allclose(difference.flip(1), -difference, atol=1e-5)
+    assert not torch.equal(text[0], text[8])  # clip 0's frames, then clip 1's, each under its own words
+    with pytest.raises(ValueError, match="even"):
+        train_video.train_motion(replace(TINY, batch=3, reversed_pairs=True), tmp_path / "odd", image_model,
+                                 progress=False)
