@@ -1,7 +1,7 @@
 """The shipped world video model: it is the default video base, it loads through the public loader as an
 AnimateDiff pipeline (v-prediction on a zero-terminal-SNR schedule), and 20-step clips of fixed held-in prompts show
-the asked shape making a straight move along the asked axis, as the world's clip detector judges them. (Which way
-along the axis does not follow the words yet: the model is below its direction bar, see docs/world.md.)"""
+the asked shape making the asked straight move, as the world's clip detector judges them; with the same starting
+noise, the opposite direction word reverses the move (the words set the direction, not the noise)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from core.pipelines import load_pipeline, resolve_base
 from training.world.captions import parse_caption
 from training.world.concepts import BASE_MOTIONS
 from training.world.detectors import load_detectors
-from training.world.train_video import AXIS, generate_clips, video_prompts
+from training.world.train_video import AXIS, generate_clips, reversed_caption, video_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,5 +42,18 @@ def test_20_step_clips_show_the_asked_shape_moving(tmp_path: Path) -> None:
     assert sum(m in BASE_MOTIONS for m in moves) >= 7, moves  # a straight move, not still or jittering
     axis = [AXIS.get(m) == AXIS[a.motion] for a, m in zip(asked, moves)]
     assert sum(axis) >= 7, list(zip([a.motion for a in asked], moves))  # horizontal or vertical as asked
+    direction = [m == a.motion for a, m in zip(asked, moves)]
+    assert sum(direction) >= 6, list(zip([a.motion for a in asked], moves))
     shapes = [a.objects[0].name in {o.name for o in s.objects} for a, s in zip(asked, seen)]
     assert sum(shapes) >= 5, shapes
+
+
+def test_the_opposite_word_reverses_the_move_from_the_same_noise(tmp_path: Path) -> None:
+    pipe = load_pipeline(resolve_base(f"{BUILTIN_PREFIX}{WORLD_VIDEO}", tmp_path))
+    prompts = video_prompts(12)[8:]  # four fixed prompts the other test does not sample
+    opposite = [reversed_caption(p) for p in prompts]
+    clips = generate_clips(pipe, prompts, steps=20, guidance=4.0, seed=100)
+    flipped = generate_clips(pipe, opposite, steps=20, guidance=4.0, seed=100)  # the same seeds, so the same noise
+    seen = [s.motion for s in load_detectors().detect_clips([*clips, *flipped])]
+    asked = [parse_caption(p)[0].motion for p in [*prompts, *opposite]]
+    assert sum(s == a for s, a in zip(seen, asked)) >= 6, list(zip(asked, seen))

@@ -3,8 +3,8 @@
 Run ``python -m training.world.train_video --image DIR --work DIR --out DIR`` after ``train_base``. By default only
 the motion modules learn (the image model stays frozen, as in AnimateDiff); ``--train-cross-attention`` adds the
 spatial text cross-attention and ``--train-spatial`` every UNet weight; ``--train-text-encoder``, ``--zero-snr``,
-``--high-noise-share`` and ``--reversed-pairs`` are the ways tried to make the words set the direction
-(docs/world.md). The clips show the four base moves (left, right, up, down), captioned "... moving up ...".
+``--high-noise-share``, ``--reversed-pairs`` and ``--pair-difference`` are the ways tried to make the words set the
+direction (docs/world.md; the last one did it). The clips show the four base moves (left, right, up, down), captioned "... moving up ...".
 Checkpoints and resume work as in ``train_base``; ``--out`` receives the AnimateDiff pipeline in diffusers format
 (fp16) with ``training.json`` and ``metrics.json`` (the motion detector's verdict on generated clips).
 """
@@ -72,6 +72,8 @@ class VideoSettings:
     reversed_pairs: bool = False  # half of each batch is the other half played backwards, captioned with the
     # opposite direction and noised with the same noise: only the words tell such a pair apart at high noise
     zero_snr: bool = False  # v-prediction on a schedule whose last step is pure noise (see zero_snr_schedule)
+    pair_difference: float = 0.0  # with --reversed-pairs: weight of the loss on the difference of each pair's
+    # predictions (see pair_difference_loss), which only the direction words can lower
 
     def key(self) -> dict[str, Any]:
         skip = {"checkpoint_every", "eval_every", "eval_prompts", "guidance", "threads", "stop"}
@@ -168,6 +170,20 @@ def _loss_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Ten
     return (torch.clamp(snr, max=gamma) + 1) / (snr + 1)
 
 
+def pair_difference_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                         keep: torch.Tensor) -> torch.Tensor:
+    """Weighted MSE between the differences of the two halves of a reversed-pair batch (a clip, then the same clip
+    played backwards with the same noise and the opposite words), over the pairs where ``keep`` (captioned ones).
+
+    Why: at high noise the plain loss is dominated by what both clips share (background, colour, where the object
+    is across the move), and the direction is worth under 1 % of it, so a model that ignores the words loses almost
+    nothing. In the difference the shared part cancels, and what is left is exactly what the words must decide."""
+    half = len(pred) // 2
+    per_pair = F.mse_loss(pred[:half] - pred[half:], target[:half] - target[half:], reduction="none")
+    per_pair = per_pair.mean(dim=tuple(range(1, pred.ndim))) * weights[:half] * keep
+    return per_pair.sum() / keep.sum().clamp(min=1)
+
+
 def _timesteps(total: int, count: int, high_share: float, gen: torch.Generator, top: float = 0.4) -> torch.Tensor:
     """Uniform training timesteps, the first ``round(high_share * count)`` of them drawn from the top ``top``."""
     t = torch.randint(0, total, (count,), generator=gen)
@@ -184,6 +200,10 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
 
     from core.builtin import SCHEDULER_CONFIG, build_motion_adapter, build_video_pipeline
 
+    if settings.reversed_pairs and settings.batch % 2:
+        raise ValueError("--reversed-pairs needs an even --batch")
+    if settings.pair_difference and not settings.reversed_pairs:
+        raise ValueError("--pair-difference needs --reversed-pairs")
     work.mkdir(parents=True, exist_ok=True)
     image_pipe = StableDiffusionPipeline.from_pretrained(image_dir, torch_dtype=torch.float32, local_files_only=True)
     adapter = build_motion_adapter(settings.seed)
@@ -232,8 +252,6 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
         _save(latents_path, (means, stds))
     ids, empty_ids = tokenize(tokenizer, captions), tokenize(tokenizer, [""])
     if settings.reversed_pairs:
-        if settings.batch % 2:
-            raise ValueError("--reversed-pairs needs an even --batch")
         reversed_ids = tokenize(tokenizer, [reversed_caption(c) for c in captions])
     frames = means.shape[1]
     started, window, start_step = time.time(), [], step
@@ -259,7 +277,11 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
         pred = unet(noisy, t, cond.repeat_interleave(frames, dim=0)).sample
         target = noise_scheduler.get_velocity(lat, noise, t) if settings.zero_snr else noise
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3, 4))
-        loss = (per_sample * _loss_weights(noise_scheduler, t, settings.snr_gamma)).mean()
+        weights = _loss_weights(noise_scheduler, t, settings.snr_gamma)
+        loss = (per_sample * weights).mean()
+        if settings.pair_difference:
+            keep = (~drop[:len(idx)]).float()
+            loss = loss + settings.pair_difference * pair_difference_loss(pred, target, weights, keep)
         optimizer_step(opt, params, loss, lr)
         step += 1
         ema.update(step)

@@ -168,3 +168,30 @@ def test_reversed_pairs_play_each_clip_backwards_under_the_opposite_words(tmp_pa
     with pytest.raises(ValueError, match="even"):
         train_video.train_motion(replace(TINY, batch=3, reversed_pairs=True), tmp_path / "odd", image_model,
                                  progress=False)
+
+
+def test_pair_difference_loss_sees_only_what_the_pair_does_not_share() -> None:
+    target = torch.randn(4, 4, 8, 2, 2)  # two pairs: rows 0, 1 and their reversed partners 2, 3
+    shared_error = torch.randn(1, 4, 8, 2, 2)
+    weights, keep = torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.ones(2)
+    # an error both clips of a pair share (the background, say) costs nothing in the difference ...
+    assert train_video.pair_difference_loss(target + shared_error, target, weights, keep) < 1e-10
+    # ... while predicting the same for both clips (ignoring the words) costs the whole difference
+    same = torch.cat([target[:2], target[:2]])
+    ignored = train_video.pair_difference_loss(same, target, weights, keep)
+    assert torch.isclose(ignored, (target[:2] - target[2:]).pow(2).mean()) and ignored > 0
+    # pairs without words (dropped captions) do not count
+    only_first = train_video.pair_difference_loss(same, target, weights, torch.tensor([1.0, 0.0]))
+    assert torch.isclose(only_first, (target[0] - target[2]).pow(2).mean())
+
+
+def test_pair_difference_trains_and_needs_reversed_pairs(tmp_path: Path, image_model: Path) -> None:
+    with pytest.raises(ValueError, match="--reversed-pairs"):
+        train_video.train_motion(replace(TINY, pair_difference=1.0), tmp_path / "a", image_model, progress=False)
+    plain, _, _ = train_video.train_motion(replace(TINY, batch=2, reversed_pairs=True, cond_dropout=0.0),
+                                           tmp_path / "b", image_model, progress=False)
+    paired, _, _ = train_video.train_motion(replace(TINY, batch=2, reversed_pairs=True, cond_dropout=0.0,
+                                                    pair_difference=4.0), tmp_path / "c", image_model,
+                                            progress=False)
+    moved = [k for k, v in _motion_state(paired).items() if not torch.equal(v, _motion_state(plain)[k])]
+    assert moved and all(".motion_modules." in k for k in moved)  # the extra term changed what was learned
