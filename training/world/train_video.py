@@ -4,9 +4,10 @@ Run ``python -m training.world.train_video --image DIR --work DIR --out DIR`` af
 the motion modules learn (the image model stays frozen, as in AnimateDiff); ``--train-cross-attention`` adds the
 spatial text cross-attention and ``--train-spatial`` every UNet weight; ``--train-text-encoder``, ``--zero-snr``,
 ``--high-noise-share``, ``--reversed-pairs`` and ``--pair-difference`` are the ways tried to make the words set the
-direction (docs/world.md; the last one did it). The clips show the four base moves (left, right, up, down), captioned "... moving up ...".
-Checkpoints and resume work as in ``train_base``; ``--out`` receives the AnimateDiff pipeline in diffusers format
-(fp16) with ``training.json`` and ``metrics.json`` (the motion detector's verdict on generated clips).
+direction (docs/world.md; the last one did it). The clips show the four base moves (left, right, up, down),
+captioned "... moving up ...". Checkpoints and resume work as in ``train_base``; ``--out`` receives the AnimateDiff
+pipeline in diffusers format (fp16) with ``training.json`` and ``metrics.json`` (the motion detector's verdict on
+generated clips).
 """
 
 from __future__ import annotations
