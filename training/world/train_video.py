@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.world.clips import LINEAR_STEP
 from training.world.dataset import base_clip_dataset
 from training.world.train_base import (
     EMA,
@@ -149,7 +150,9 @@ def zero_snr_schedule(scheduler):
     return type(scheduler).from_config(scheduler.config, **ZERO_SNR)
 
 
-OPPOSITE_DIRECTION = {"left": "right", "right": "left", "up": "down", "down": "up"}
+# The straight moves' opposites and axes, read off the step vectors the clips are rendered with.
+OPPOSITE_DIRECTION = {m: next(o for o, v in LINEAR_STEP.items() if v == (-dx, -dy))
+                      for m, (dx, dy) in LINEAR_STEP.items()}
 
 
 def reversed_caption(caption: str) -> str:
@@ -317,7 +320,7 @@ def train_motion(settings: VideoSettings, work: Path, image_dir: Path, progress:
 
 
 VIDEO_PROMPT_SEED = 4343
-AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+AXIS = {m: "horizontal" if dx else "vertical" for m, (dx, _) in LINEAR_STEP.items()}
 
 
 def video_prompts(count: int) -> list[str]:
